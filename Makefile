@@ -1,0 +1,42 @@
+# The two commands of the README's Quick start:
+#   make serve   set up a virtual environment and run the node on its embedded defaults
+#   make test    set up everything the tests need (system packages too) and run lint, types, tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+
+.PHONY: serve test check system-deps venv bench
+
+$(BIN)/shadowspot: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/shadowspot
+
+serve: venv
+	$(BIN)/shadowspot serve
+
+# Debian packages the tests use as independent peers: DCMTK, dciodvfy, Orthanc.
+system-deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc orthanc-dicomweb"; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+check: venv
+	$(BIN)/ruff check node pipeline tests bench models/training
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: system-deps check
+	$(BIN)/pytest -q
+
+bench: venv
+	$(BIN)/python -m bench

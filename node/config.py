@@ -1,0 +1,490 @@
+"""The node's configuration: one TOML file → one frozen, typed, validated ``Config``.
+
+Nothing else in ShadowSpot reads the TOML. ``load_config`` collects *every* problem it finds
+(unknown key, wrong type, bad port, duplicate AE title, unreachable storage folder, ...) and
+raises one ``ConfigError`` listing them all with file, key and reason, so that
+``shadowspot check-config`` can show IT staff all their mistakes at once.
+
+The section dataclasses below are the schema: field names are the TOML keys, annotations are
+the accepted types, defaults are the embedded defaults (``shadowspot serve`` with no file runs
+on them), and the docstring under each field is its documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from node.errors import ConfigError, ConfigProblem
+from pipeline.config import PipelineConfig
+
+DEFAULT_CONFIG_PATH = Path("config/shadowspot.toml")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def _check_ae_title(value: str, what: str) -> None:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{what} must be 1–16 printable characters without '\\', got {value!r}")
+
+
+def _check_port(value: int, what: str, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ValueError(f"{what} must be between {low} and 65535, got {value}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeSection:
+    """``[node]``: who the node is on the network and where it keeps its data."""
+
+    ae_title: str = "SHADOWSPOT"
+    """The called AE title modalities must use."""
+    host: str = "0.0.0.0"
+    """Address to listen on (0.0.0.0 = every interface)."""
+    port: int = 11112
+    """TCP port of the Storage SCP (0 = any free port, for tests)."""
+    storage: Path = Path("var")
+    """Folder for spool, quarantine, queue database, results and logs (relative to the
+    working directory unless absolute)."""
+    study_quiet_seconds: float = 2.0
+    """A study is complete when no instance of it arrived for this long."""
+    min_free_mb: float = 500.0
+    """Free-space floor of the storage volume: below it, C-STORE answers Out of Resources."""
+    max_associations: int = 16
+    """Concurrent associations accepted before new ones are rejected (transient)."""
+    network_timeout_seconds: float = 60.0
+    """ACSE, DIMSE and network timeouts of incoming associations."""
+    max_pdu_bytes: int = 65536
+    """Largest P-DATA PDU we accept (0 = unlimited)."""
+    analysis_workers: int = 1
+    """Worker threads that run the pipeline on queued studies."""
+
+    def __post_init__(self) -> None:
+        _check_ae_title(self.ae_title, "ae_title")
+        _check_port(self.port, "port", allow_zero=True)
+        if self.study_quiet_seconds <= 0:
+            raise ValueError("study_quiet_seconds must be positive")
+        if self.min_free_mb < 0:
+            raise ValueError("min_free_mb must be 0 or more")
+        if self.max_associations < 1 or self.analysis_workers < 1:
+            raise ValueError("max_associations and analysis_workers must be at least 1")
+        if self.network_timeout_seconds <= 0:
+            raise ValueError("network_timeout_seconds must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallerConfig:
+    """``[[callers]]``: a modality allowed to send. None listed = anyone may send."""
+
+    ae_title: str
+    """The caller's (calling) AE title."""
+    host: str | None = None
+    """Optional: the caller's IP address must also match."""
+    send_results_to: str | None = None
+    """Name of a ``[[destinations]]`` entry that receives this caller's results."""
+
+    def __post_init__(self) -> None:
+        _check_ae_title(self.ae_title, "ae_title")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DestinationConfig:
+    """``[[destinations]]``: a Storage SCP (usually the PACS) that receives results."""
+
+    name: str
+    """Name that ``send_results_to`` refers to."""
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+    """Use DICOM TLS (the ``[tls]`` section's certificate and CA) for this destination."""
+    timeout_seconds: float = 30.0
+    """Connection, ACSE and DIMSE timeout for deliveries."""
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name must not be empty")
+        _check_ae_title(self.ae_title, "ae_title")
+        _check_port(self.port, "port")
+        if self.timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportConfig:
+    """``[export]``: which result objects are built and how deliveries are retried."""
+
+    retry_schedule_seconds: tuple[float, ...] = (10.0, 30.0, 120.0, 600.0, 1800.0)
+    """Wait before each retry; after the last, a delivery is dead-lettered."""
+    segmentation_type: Literal["binary", "fractional"] = "binary"
+    """SEG type: binary masks, or fractional (probability) masks."""
+    presentation_state: bool = True
+    """Also send a Grayscale Softcopy Presentation State with coloured contours."""
+    secondary_capture: bool = False
+    """Also send a Secondary Capture with the coloured overlay burned in."""
+
+    def __post_init__(self) -> None:
+        if any(s < 0 for s in self.retry_schedule_seconds):
+            raise ValueError("retry_schedule_seconds must not be negative")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlertsConfig:
+    """``[alerts]``: where S742 alerts go besides the log and the SR."""
+
+    webhook_url: str | None = None
+    """If set, each alert is POSTed here as JSON."""
+    webhook_retries: int = 5
+    webhook_timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.webhook_url is not None and not re.match(r"^https?://", self.webhook_url):
+            raise ValueError("webhook_url must start with http:// or https://")
+        if self.webhook_retries < 0 or self.webhook_timeout_seconds <= 0:
+            raise ValueError("webhook_retries must be ≥ 0 and webhook_timeout_seconds > 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSConfig:
+    """``[tls]``: DICOM TLS on the SCP (and on destinations with ``tls = true``)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    """Trusted CA bundle for verifying peers."""
+    require_client_certificate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("enabled TLS needs certificate and private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpConfig:
+    """``[http]``: the health and metrics endpoint."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8081
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, "port", allow_zero=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionConfig:
+    """``[retention]``: how long spooled instances and results are kept (0 = forever)."""
+
+    spool_days: float = 30.0
+    results_days: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.spool_days < 0 or self.results_days < 0:
+            raise ValueError("retention days must be 0 or more")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggingConfig:
+    """``[logging]``: structlog output."""
+
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    file: bool = True
+    """Also write JSON lines to ``<storage>/logs/shadowspot.log``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole, validated configuration. Built only by ``load_config``/``default_config``."""
+
+    node: NodeSection = field(default_factory=NodeSection)
+    callers: tuple[CallerConfig, ...] = ()
+    destinations: tuple[DestinationConfig, ...] = ()
+    export: ExportConfig = field(default_factory=ExportConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    source: str = "<embedded defaults>"
+    """Where this configuration came from (a path, or the embedded defaults)."""
+
+    def destination(self, name: str) -> DestinationConfig:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def caller(self, ae_title: str) -> CallerConfig | None:
+        for c in self.callers:
+            if c.ae_title == ae_title:
+                return c
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_config() -> Config:
+    """The embedded defaults (what ``shadowspot serve`` runs on without a file)."""
+    return Config()
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read and validate ``path``; ``None`` means the embedded defaults.
+
+    Raises ``ConfigError`` listing every problem found.
+    """
+    if path is None:
+        config = default_config()
+        _raise_if(_cross_checks(config, "<embedded defaults>"))
+        return config
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError([ConfigProblem(where, "-", "file not found")]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(where, "-", f"cannot read: {exc}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(where, "-", f"not valid TOML: {exc}")]) from exc
+    problems: list[ConfigProblem] = []
+    raw = {**raw, "source": where}
+    config = _build(Config, raw, "", where, problems)
+    if config is None:  # a top-level value failed its own checks: report against defaults
+        config = Config(source=where)
+    problems.extend(_cross_checks(config, where))
+    _raise_if(problems)
+    assert isinstance(config, Config)
+    return config
+
+
+def _raise_if(problems: list[ConfigProblem]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def _cross_checks(config: Config, where: str) -> list[ConfigProblem]:
+    """Checks that involve more than one field: names, references, the storage folder."""
+    problems: list[ConfigProblem] = []
+
+    def add(key: str, reason: str) -> None:
+        problems.append(ConfigProblem(where, key, reason))
+
+    seen_callers: set[str] = set()
+    for i, caller in enumerate(config.callers):
+        if caller.ae_title in seen_callers:
+            add(f"callers[{i}].ae_title", f"duplicate AE title {caller.ae_title!r}")
+        seen_callers.add(caller.ae_title)
+        if caller.ae_title == config.node.ae_title:
+            add(f"callers[{i}].ae_title", "a caller cannot use the node's own AE title")
+        names = {d.name for d in config.destinations}
+        if caller.send_results_to is not None and caller.send_results_to not in names:
+            add(
+                f"callers[{i}].send_results_to",
+                f"no destination named {caller.send_results_to!r} (known: {sorted(names)})",
+            )
+    seen_names: set[str] = set()
+    seen_aes: set[tuple[str, str, int]] = set()
+    for i, dest in enumerate(config.destinations):
+        if dest.name in seen_names:
+            add(f"destinations[{i}].name", f"duplicate destination name {dest.name!r}")
+        seen_names.add(dest.name)
+        address = (dest.ae_title, dest.host, dest.port)
+        if address in seen_aes:
+            add(
+                f"destinations[{i}].ae_title",
+                f"duplicate destination {dest.ae_title}@{dest.host}:{dest.port}",
+            )
+        seen_aes.add(address)
+        if dest.tls and not config.tls.enabled:
+            add(f"destinations[{i}].tls", "needs [tls] enabled with a certificate and key")
+    reason = _storage_problem(config.node.storage)
+    if reason:
+        add("node.storage", reason)
+    for name in ("certificate", "private_key", "ca_certificates"):
+        value = getattr(config.tls, name)
+        if config.tls.enabled and value is not None and not Path(value).is_file():
+            add(f"tls.{name}", f"file not found: {value}")
+    if config.http.enabled and config.http.port == config.node.port and config.node.port != 0:
+        add("http.port", "must differ from node.port")
+    return problems
+
+
+def _storage_problem(storage: Path) -> str | None:
+    """Why the storage folder cannot be used, or None. It is created if missing."""
+    existing = storage
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} exists and is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"folder {existing} is not writable"
+    return None
+
+
+# Generic dataclass-from-TOML builder -----------------------------------------------------------
+
+
+def _build(cls: type[Any], raw: object, key: str, where: str, problems: list[ConfigProblem]) -> Any:
+    """Build dataclass ``cls`` from a TOML table, appending every problem to ``problems``.
+
+    Invalid or unknown keys are reported and left out (their defaults stand in), so that the
+    rest of the file is still checked; returns None only when the table cannot be built.
+    """
+    if not isinstance(raw, dict):
+        problems.append(ConfigProblem(where, key or "-", f"must be a table, got {_kind(raw)}"))
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in _INTERNAL}
+    for name in raw:
+        if name not in fields and not (key == "" and name in _INTERNAL):
+            known = ", ".join(sorted(fields))
+            problems.append(
+                ConfigProblem(where, _join(key, name), f"unknown key (known keys: {known})")
+            )
+    values: dict[str, Any] = {n: v for n, v in raw.items() if key == "" and n in _INTERNAL}
+    complete = True
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(ConfigProblem(where, _join(key, name), "required key is missing"))
+                complete = False
+            continue
+        value = _convert(hints[name], raw[name], _join(key, name), where, problems)
+        if value is not _INVALID and value is not None:
+            values[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            complete = False
+    if not complete:
+        return None
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:
+        return _build_blaming_fields(cls, values, exc, key, where, problems)
+
+
+def _build_blaming_fields(
+    cls: type[Any],
+    values: dict[str, Any],
+    exc: Exception,
+    key: str,
+    where: str,
+    problems: list[ConfigProblem],
+) -> Any:
+    """``cls(**values)`` failed its checks: find which keys fail on their own, report each
+    against its own key, and build from the rest so later checks still run."""
+    required = {n: v for n, v in values.items() if _is_required(cls, n)}
+    good = dict(required)
+    blamed = False
+    for name, value in values.items():
+        if name in required:
+            continue
+        try:
+            cls(**{**required, name: value})
+        except (ValueError, TypeError) as field_exc:
+            problems.append(ConfigProblem(where, _join(key, name), str(field_exc)))
+            blamed = True
+        else:
+            good[name] = value
+    try:
+        return cls(**good)
+    except (ValueError, TypeError) as rest_exc:
+        problems.append(ConfigProblem(where, key or "-", str(rest_exc)))
+        return None
+    finally:
+        if not blamed:  # only a combination of keys is wrong: report it for the table
+            problems.append(ConfigProblem(where, key or "-", str(exc)))
+
+
+def _is_required(cls: type[Any], name: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+_INTERNAL = frozenset({"source"})
+_INVALID: Any = object()  # what _convert returns for a value it reported as wrong
+
+
+def _convert(hint: Any, value: object, key: str, where: str, problems: list[ConfigProblem]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def bad(expected: str) -> Any:
+        reason = f"must be {expected}, got {_kind(value)} {value!r}"
+        problems.append(ConfigProblem(where, key, reason))
+        return _INVALID
+
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) != 1:
+            raise TypeError(f"unsupported config type {hint}")
+        return _convert(non_none[0], value, key, where, problems)
+    if origin is Literal:
+        if value not in args:
+            return bad("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            return bad("a list")
+        items = (_convert(args[0], v, f"{key}[{i}]", where, problems) for i, v in enumerate(value))
+        return tuple(item for item in items if item is not None and item is not _INVALID)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type[Any], hint), value, key, where, problems)
+    if hint is bool:
+        if not isinstance(value, bool):
+            return bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return bad("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            return bad("a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            return bad("a path (string)")
+        return Path(value)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            return bad("one of " + ", ".join(repr(m.value) for m in hint))
+    raise TypeError(f"unsupported config type {hint} at {key}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _kind(value: object) -> str:
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

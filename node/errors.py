@@ -1,0 +1,61 @@
+"""The node's branch of the exception hierarchy (the root is in ``pipeline.errors``)::
+
+ShadowSpotError (pipeline.errors)
+├── PipelineError, InputImageError, ModelError   (pipeline.errors)
+└── NodeError
+    ├── ConfigError           the configuration file is invalid; carries every problem
+    ├── IngestError           an incoming instance is refused; carries its DIMSE status
+    ├── EncodeError           a result object (SEG/SR/GSPS/SC) could not be built
+    └── ExportError           a delivery failed; ``retryable`` says whether to try again
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import ShadowSpotError
+
+
+class NodeError(ShadowSpotError):
+    """Something in the DICOM node went wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One mistake in a configuration file: where it is and why it is wrong."""
+
+    file: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.reason}"
+
+
+class ConfigError(NodeError):
+    """The configuration is invalid. ``problems`` lists every mistake found, not just the first."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+class IngestError(NodeError):
+    """An incoming instance is refused; ``status`` is the DIMSE status to answer with."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EncodeError(NodeError):
+    """A result object could not be built from the findings and the source header."""
+
+
+class ExportError(NodeError):
+    """A delivery to a destination failed; ``retryable`` is False when retrying cannot help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
