@@ -1,0 +1,1 @@
+"""Operations: container files, TLS, health and metrics, admin commands."""
