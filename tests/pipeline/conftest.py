@@ -1,0 +1,18 @@
+"""Shared fixtures of the pipeline tests: the real data folder and a tiny real ONNX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DICOM_DIR = DATA / "dicom"
+CXR_DIR = DATA / "cxr-lesions"
+
+
+def need(path: Path) -> Path:
+    """``path`` if it exists, else skip the test saying what is missing."""
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path} is absent")
+    return path
