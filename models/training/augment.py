@@ -1,0 +1,102 @@
+"""Batch augmentation for radiographs, on torch tensors (CPU-friendly, seeded).
+
+Geometry (image and targets together): rotation ±8°, isotropic scale 0.85–1.2, anisotropic
+stretch ±8 %, shift ±6 %; no left–right flip (the heart and the aortic knob are on the
+patient's left; a flipped chest is not a chest we will be shown). Intensity (image only):
+gamma 0.6–1.6, contrast/brightness, Gaussian blur or unsharp, Gaussian noise, random black
+or white borders (collimation) and burned-in text-like marks. All of these are applied to
+every source alike, so the look of a source (TBX11K is clean, NIH has markers) is no cue.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def _affine(n: int, g: torch.Generator) -> torch.Tensor:
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=g)
+
+    angle = u(-8, 8) * math.pi / 180
+    scale = u(0.85, 1.2)
+    stretch = u(-0.08, 0.08)
+    sx, sy = scale * (1 + stretch), scale * (1 - stretch)
+    tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos / sx, -sin / sx, tx
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin / sy, cos / sy, ty
+    return theta
+
+
+def geometry(
+    image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply one random affine per sample to image, targets and weights."""
+    theta = _affine(image.shape[0], g)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    target = F.grid_sample(target, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Outside the source image the finding channels are negative (full weight).
+    weight = F.grid_sample(
+        weight, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return image, target, weight
+
+
+def _marks(image: torch.Tensor, g: torch.Generator) -> None:
+    """Burn bright rectangles (text markers, 'L'/'R' letters, rulers) into some images."""
+    n, _, h, w = image.shape
+    for i in range(n):
+        if torch.rand(1, generator=g).item() < 0.5:
+            continue
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g).item())):
+            mh = int(torch.randint(h // 60 + 1, h // 14, (1,), generator=g).item())
+            mw = int(torch.randint(w // 60 + 1, w // 6, (1,), generator=g).item())
+            corner_y = torch.rand(1, generator=g).item() < 0.5
+            y = int(torch.randint(0, h // 8, (1,), generator=g).item())
+            y = y if corner_y else h - mh - y
+            x = int(torch.randint(0, w - mw, (1,), generator=g).item())
+            value = 0.85 + 0.15 * torch.rand(1, generator=g).item()
+            stripes = torch.rand(mw, generator=g) < 0.6
+            image[i, 0, y : y + mh, x : x + mw] = torch.where(
+                stripes, torch.tensor(value), image[i, 0, y : y + mh, x : x + mw]
+            )
+
+
+def _borders(image: torch.Tensor, g: torch.Generator) -> None:
+    """Collimation-like flat borders on some images."""
+    n, _, h, w = image.shape
+    for i in range(n):
+        if torch.rand(1, generator=g).item() < 0.7:
+            continue
+        dark = torch.rand(1, generator=g).item() < 0.7
+        shade = 0.1 * torch.rand(1, generator=g).item()
+        value = shade if dark else 1.0 - shade
+        t, b, left, r = (int(torch.randint(0, h // 12, (1,), generator=g).item()) for _ in range(4))
+        image[i, 0, :t] = value
+        image[i, 0, h - b :] = value
+        image[i, 0, :, :left] = value
+        image[i, 0, :, w - r :] = value
+
+
+def intensity(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gamma, contrast, blur/sharpen, noise, borders and marks; result clipped to [0, 1]."""
+    n = image.shape[0]
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, generator=g)).view(n, 1, 1, 1)
+
+    image = image.clamp(0, 1) ** torch.exp(u(math.log(0.6), math.log(1.6)))
+    image = (image - 0.5) * u(0.75, 1.3) + 0.5 + u(-0.1, 0.1)
+    blurred = F.avg_pool2d(image, 5, stride=1, padding=2, count_include_pad=False)
+    mix = u(-0.8, 1.0)  # > 0 blurs, < 0 sharpens (unsharp mask)
+    image = image + mix * (blurred - image)
+    image = image + u(0.0, 0.04) * torch.randn(image.shape, generator=g)
+    image = image.clamp(0, 1)
+    _borders(image, g)
+    _marks(image, g)
+    return image

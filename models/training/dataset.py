@@ -1,0 +1,215 @@
+"""Read ``cxr-lesions`` folders, split them by patient and pack training arrays.
+
+Targets (working size H×W, one plane per output channel):
+
+* ``spot`` (nodule, mass) and ``shadow`` (tuberculosis, consolidation, ground-glass):
+  where the data has a lesion mask, the mask; where it only has a box, the ellipse inscribed
+  in the box. Pixels inside a box but outside its ellipse get loss weight ``BOX_EDGE_WEIGHT``
+  (box noise: the lesion may or may not fill the corners). Normal studies are all-negative.
+  ``pleural_effusion`` (one region in the data) is left out of both channels and its region
+  is ignored (weight 0).
+* ``lung``: the lung-field mask, only for images that have one (``has_lung``); the loss of
+  that channel is masked to those images.
+
+The packed cache (``models/training/cache/<digest>-<size>.npz``) holds uint8 planes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from models.training.preprocess import prepare
+
+BOX_EDGE_WEIGHT = 0.25
+VAL_SHARE = 0.15
+SPLIT_SEED = 20261125
+
+# label -> channel name; labels absent here are ignored regions.
+LABEL_CHANNEL = {
+    "nodule": "spot",
+    "mass": "spot",
+    "active_tuberculosis": "shadow",
+    "obsolete_tuberculosis": "shadow",
+    "tuberculosis": "shadow",
+    "consolidation": "shadow",
+    "ground_glass_opacity": "shadow",
+    "infiltration": "shadow",
+    "opacity": "shadow",
+}
+FINDING_CHANNELS = ("spot", "shadow")
+CHANNELS = (*FINDING_CHANNELS, "lung")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lesion:
+    label: str
+    box: tuple[float, float, float, float]
+    mask: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    id: str
+    source: str
+    patient: str
+    width: int
+    height: int
+    lungs: str | None
+    findings: tuple[Lesion, ...]
+
+    @property
+    def normal(self) -> bool:
+        return not self.findings
+
+
+def read_records(data_dir: Path) -> list[Record]:
+    """Parse ``annotations.jsonl`` of one ``cxr-lesions`` folder."""
+    records = []
+    for line in (data_dir / "annotations.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        raw = json.loads(line)
+        lesions = tuple(
+            Lesion(label=f["label"], box=tuple(f["box"]), mask=f.get("mask"))
+            for f in raw["findings"]
+        )
+        records.append(
+            Record(
+                id=raw["id"],
+                source=raw["source"],
+                patient=raw["patient"],
+                width=int(raw["width"]),
+                height=int(raw["height"]),
+                lungs=raw.get("lungs"),
+                findings=lesions,
+            )
+        )
+    return records
+
+
+def split_by_patient(records: list[Record], seed: int = SPLIT_SEED) -> dict[str, list[Record]]:
+    """Split into train/val by patient, ~``VAL_SHARE`` of each source's patients in val."""
+    val_patients: set[str] = set()
+    for source in sorted({r.source for r in records}):
+        patients = sorted({r.patient for r in records if r.source == source})
+        random.Random(f"{seed}:{source}").shuffle(patients)
+        val_patients.update(patients[: max(1, round(len(patients) * VAL_SHARE))])
+    return {
+        "train": [r for r in records if r.patient not in val_patients],
+        "val": [r for r in records if r.patient in val_patients],
+    }
+
+
+def data_digest(data_dir: Path, records: Iterable[Record]) -> str:
+    """sha256 over the annotations and every image file, in id order."""
+    h = hashlib.sha256((data_dir / "annotations.jsonl").read_bytes())
+    for r in sorted(records, key=lambda r: r.id):
+        h.update((data_dir / "images" / f"{r.id}.png").read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def load_grey(path: Path) -> npt.NDArray[np.uint8]:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def _mask_plane(path: Path, height: int, width: int) -> npt.NDArray[np.float32]:
+    with Image.open(path) as im:
+        m = im.convert("L").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(m, dtype=np.float32) / 255.0
+
+
+def _ellipse(
+    box: tuple[float, float, float, float], sx: float, sy: float, height: int, width: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Ellipse inscribed in the scaled box (1 inside) and the box itself (bool)."""
+    x0, y0, x1, y1 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    rx, ry = max((x1 - x0) / 2, 0.75), max((y1 - y0) / 2, 0.75)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    d = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2
+    inside = (d <= 1.0).astype(np.float32)
+    inside[min(int(cy), height - 1), min(int(cx), width - 1)] = 1.0
+    in_box = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    return inside, in_box
+
+
+def targets(
+    record: Record, data_dir: Path, height: int, width: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(target (3,H,W) for spot/shadow/lung, weight (2,H,W) for spot/shadow)."""
+    tgt = np.zeros((len(CHANNELS), height, width), dtype=np.float32)
+    wgt = np.ones((len(FINDING_CHANNELS), height, width), dtype=np.float32)
+    sx, sy = width / record.width, height / record.height
+    for lesion in record.findings:
+        channel = LABEL_CHANNEL.get(lesion.label)
+        if lesion.mask is not None:
+            plane = _mask_plane(data_dir / lesion.mask, height, width)
+            region = plane > 0.0
+        else:
+            plane, region = _ellipse(lesion.box, sx, sy, height, width)
+        if channel is None:
+            wgt[:, region] = 0.0
+            continue
+        c = FINDING_CHANNELS.index(channel)
+        tgt[c] = np.maximum(tgt[c], plane)
+        if lesion.mask is None:
+            wgt[c][region] = np.minimum(wgt[c][region], BOX_EDGE_WEIGHT)
+    for c in range(len(FINDING_CHANNELS)):
+        wgt[c][tgt[c] > 0.5] = 1.0
+    if record.lungs is not None:
+        tgt[-1] = _mask_plane(data_dir / record.lungs, height, width)
+    return tgt, wgt
+
+
+def pack(data_dir: Path, records: list[Record], size: int, out: Path) -> Path:
+    """Write one .npz with images, targets, weights and flags for ``records``."""
+    n = len(records)
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    tgts = np.zeros((n, len(CHANNELS), size, size), dtype=np.uint8)
+    wgts = np.zeros((n, len(FINDING_CHANNELS), size, size), dtype=np.uint8)
+    for i, r in enumerate(records):
+        grey = load_grey(data_dir / "images" / f"{r.id}.png")
+        images[i] = np.round(prepare(grey, size, size) * 255.0)
+        t, w = targets(r, data_dir, size, size)
+        tgts[i] = np.round(t * 255.0)
+        wgts[i] = np.round(w * 255.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out,
+        images=images,
+        targets=tgts,
+        weights=wgts,
+        has_lung=np.array([r.lungs is not None for r in records]),
+        sources=np.array([r.source for r in records]),
+        ids=np.array([r.id for r in records]),
+    )
+    return out
+
+
+def packed(
+    data_dir: Path, size: int, cache_dir: Path
+) -> tuple[dict[str, Path], str, dict[str, int]]:
+    """Pack train and val (once per data digest and size); return paths, digest, counts."""
+    records = read_records(data_dir)
+    digest = data_digest(data_dir, records)
+    splits = split_by_patient(records)
+    paths = {}
+    for name, recs in splits.items():
+        path = cache_dir / f"{digest[7:23]}-{size}-{name}.npz"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.npz")
+            pack(data_dir, recs, size, tmp)
+            tmp.replace(path)
+        paths[name] = path
+    counts = {name: len(recs) for name, recs in splits.items()}
+    return paths, digest, counts

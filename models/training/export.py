@@ -1,0 +1,105 @@
+"""Export the trained U-Net to ONNX and write ``models/manifest.json`` (the model contract)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from models.training.dataset import CHANNELS
+from models.training.net import Exported, UNet
+from models.training.preprocess import HIGH_PERCENTILE, LOW_PERCENTILE, RESIZE_SPEC
+
+NAME = "shadowspot-lesion-unet"
+FILE = "shadowspot-lesion.onnx"
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+CHANNEL_SPECS: dict[str, dict[str, str]] = {
+    "spot": {"name": "spot", "kind": "finding", "group": "spot", "finding_type": "nodule"},
+    "shadow": {"name": "shadow", "kind": "finding", "group": "shadow", "finding_type": "opacity"},
+    "lung": {"name": "lung", "kind": "lung"},
+}
+DEFAULT_OPERATING_POINT: dict[str, Any] = {
+    "thresholds": {"spot": 0.5, "shadow": 0.5},
+    "alert_grade": 3,
+}
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_onnx(net: UNet, path: Path, size: int) -> float:
+    """Write the ONNX file and return the max |ONNX − PyTorch| on a random batch of two.
+
+    Raises ``RuntimeError`` when the difference exceeds ``PARITY_TOLERANCE``.
+    """
+    model = Exported(net).eval()
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (example,),
+        str(tmp),
+        input_names=["image"],
+        output_names=["probabilities"],
+        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    with torch.no_grad():
+        expected = model(example).numpy()
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"image": example.numpy()})[0]
+    diff = float(np.max(np.abs(got - expected)))
+    if diff > PARITY_TOLERANCE:
+        tmp.unlink()
+        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e}")
+    tmp.replace(path)
+    return diff
+
+
+def write_manifest(
+    model_dir: Path,
+    *,
+    size: int,
+    version: str,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    operating_point: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``manifest.json`` for ``model_dir/FILE`` (keeps an existing operating point)."""
+    path = model_dir / "manifest.json"
+    if operating_point is None:
+        operating_point = DEFAULT_OPERATING_POINT
+        if path.exists():
+            operating_point = json.loads(path.read_text()).get("operating_point", operating_point)
+    manifest = {
+        "name": NAME,
+        "version": version,
+        "file": FILE,
+        "sha256": sha256_of(model_dir / FILE),
+        "input": {
+            "name": "image",
+            "height": size,
+            "width": size,
+            "window": {"low_percentile": LOW_PERCENTILE, "high_percentile": HIGH_PERCENTILE},
+            "window_over": "all pixels of the grey image (after S100 inversion / luma)",
+            "resize": RESIZE_SPEC,
+            "normalisation": "inside the graph: per-image (x - mean) / (std + 1e-3)",
+        },
+        "output": {"name": "probabilities", "activation": "sigmoid"},
+        "channels": [CHANNEL_SPECS[c] for c in CHANNELS],
+        "operating_point": operating_point,
+        "training": training,
+        "metrics": metrics,
+    }
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path

@@ -1,0 +1,278 @@
+"""Train the lesion U-Net on a ``cxr-lesions`` folder; time-budgeted, resumable, seeded.
+
+    python -m models.training.train --minutes 80
+
+Each epoch draws ``len(train)`` samples with replacement, weighted by source (the small NIH
+mass/nodule and COVID sets are drawn more often), from a generator seeded by (seed, epoch);
+the learning rate follows a cosine over the time budget. After every epoch the run validates,
+writes ``runs/<run>/last.pt`` and, when the validation loss improved, ``best.pt`` and the
+ONNX model + manifest in ``--model-dir``. Running the same command again resumes from
+``last.pt``; a larger ``--minutes`` extends the budget. SIGTERM/SIGINT stop after the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from models.training import augment
+from models.training.dataset import FINDING_CHANNELS, packed
+from models.training.export import FILE, export_onnx, write_manifest
+from models.training.net import UNet, parameter_count
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO / ".." / "shared" / "data" / "cxr-lesions"
+SOURCE_WEIGHT = {"nih-chestxray14-mass50": 5.0, "covid-seg": 2.0}
+POS_WEIGHT = 2.0
+LUNG_WEIGHT = 0.5
+WARMUP_STEPS = 50
+VERSION = "1.0.0"
+
+
+def loss_terms(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, has_lung: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Weighted BCE + soft Dice per finding channel; masked BCE + Dice for the lung channel."""
+    nf = len(FINDING_CHANNELS)
+    terms: dict[str, torch.Tensor] = {}
+    f, t = logits[:, :nf], target[:, :nf]
+    w = weight * (1.0 + (POS_WEIGHT - 1.0) * t)
+    terms["bce"] = F.binary_cross_entropy_with_logits(f, t, weight=w, reduction="sum") / w.sum()
+    p = torch.sigmoid(f)
+    for c, name in enumerate(FINDING_CHANNELS):
+        wc, pc, tc = weight[:, c], p[:, c], t[:, c]
+        inter = (wc * pc * tc).sum()
+        terms[f"dice_{name}"] = 1 - (2 * inter + 1) / ((wc * pc).sum() + (wc * tc).sum() + 1)
+    if bool(has_lung.any()):
+        lz, lt = logits[has_lung, nf], target[has_lung, nf]
+        lp = torch.sigmoid(lz)
+        dice = 1 - (2 * (lp * lt).sum() + 1) / (lp.sum() + lt.sum() + 1)
+        terms["lung"] = LUNG_WEIGHT * (F.binary_cross_entropy_with_logits(lz, lt) + dice)
+    return terms
+
+
+def train_step(
+    net: UNet,
+    optimiser: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    g: torch.Generator,
+    augment_batch: bool = True,
+) -> float:
+    """One optimisation step on a uint8 batch (images N×H×W, targets, weights, has_lung)."""
+    image = batch["images"].float().unsqueeze(1) / 255.0
+    target = batch["targets"].float() / 255.0
+    weight = batch["weights"].float() / 255.0
+    if augment_batch:
+        image, target, weight = augment.geometry(image, target, weight, g)
+        image = augment.intensity(image, g)
+    net.train()
+    logits = net(_normalise(image))
+    loss = sum(loss_terms(logits, target, weight, batch["has_lung"]).values())
+    assert isinstance(loss, torch.Tensor)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.item())
+
+
+def _normalise(image: torch.Tensor) -> torch.Tensor:
+    from models.training.net import normalise
+
+    return normalise(image)
+
+
+def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    idx = np.sort(idx)
+    return {
+        "images": torch.from_numpy(arrays["images"][idx]),
+        "targets": torch.from_numpy(arrays["targets"][idx]),
+        "weights": torch.from_numpy(arrays["weights"][idx]),
+        "has_lung": torch.from_numpy(arrays["has_lung"][idx]),
+    }
+
+
+@torch.no_grad()
+def validate(net: UNet, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
+    """Mean loss terms on the validation arrays (no augmentation) and image-level AUROC."""
+    net.eval()
+    sums: dict[str, float] = {}
+    scores, labels = [], []
+    n = len(arrays["images"])
+    for start in range(0, n, batch_size):
+        b = _batch(arrays, np.arange(start, min(n, start + batch_size)))
+        image = b["images"].float().unsqueeze(1) / 255.0
+        logits = net(_normalise(image))
+        terms = loss_terms(
+            logits, b["targets"].float() / 255, b["weights"].float() / 255, b["has_lung"]
+        )
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(image)
+        probs = torch.sigmoid(logits[:, : len(FINDING_CHANNELS)])
+        scores += probs.amax(dim=(1, 2, 3)).tolist()
+        labels += (b["targets"][:, : len(FINDING_CHANNELS)].amax(dim=(1, 2, 3)) > 127).tolist()
+    out = {k: v / n for k, v in sums.items()}
+    out["loss"] = sum(v for k, v in out.items())
+    out["auroc"] = auroc(np.array(scores), np.array(labels, dtype=bool))
+    return out
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann–Whitney), ties counted half."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def _lr(base: float, step: int, elapsed: float, budget: float) -> float:
+    warm = min(1.0, (step + 1) / WARMUP_STEPS)
+    frac = min(1.0, elapsed / budget)
+    return base * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--minutes", type=float, default=80.0)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--run", default="main")
+    parser.add_argument("--runs-dir", type=Path, default=REPO / "models" / "training" / "runs")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / "models" / "training" / "cache")
+    parser.add_argument("--model-dir", type=Path, default=REPO / "models")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    paths, digest, counts = packed(args.data.resolve(), args.size, args.cache_dir)
+    train = dict(np.load(paths["train"]))
+    val = dict(np.load(paths["val"]))
+    run_dir = args.runs_dir / args.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    net = UNet()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "elapsed_s": 0.0,
+        "best": math.inf,
+        "history": [],
+    }
+    last = run_dir / "last.pt"
+    if last.exists():
+        ckpt = torch.load(last, weights_only=False)
+        net.load_state_dict(ckpt["model"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        state = ckpt["state"]
+        print(
+            f"resumed {last} at epoch {state['epoch']}, {state['elapsed_s'] / 60:.1f} min",
+            flush=True,
+        )
+    print(
+        f"params {parameter_count(net)} size {args.size} train {counts['train']} "
+        f"val {counts['val']} digest {digest}",
+        flush=True,
+    )
+
+    stop = {"now": False}
+
+    def _stop(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    budget = args.minutes * 60
+    source_w = np.array([SOURCE_WEIGHT.get(str(s), 1.0) for s in train["sources"]])
+    source_w /= source_w.sum()
+    n_train = len(train["images"])
+    while state["elapsed_s"] < budget and not stop["now"]:
+        epoch = state["epoch"]
+        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        rng = np.random.default_rng(args.seed * 100_003 + epoch)
+        order = rng.choice(n_train, size=n_train, replace=True, p=source_w)
+        losses = []
+        for start in range(0, n_train - args.batch + 1, args.batch):
+            t0 = time.monotonic()
+            for group in optimiser.param_groups:
+                group["lr"] = _lr(args.lr, state["step"], state["elapsed_s"], budget)
+            losses.append(
+                train_step(net, optimiser, _batch(train, order[start : start + args.batch]), g)
+            )
+            state["step"] += 1
+            state["elapsed_s"] += time.monotonic() - t0
+            if state["elapsed_s"] >= budget or stop["now"]:
+                break
+        t0 = time.monotonic()
+        metrics = validate(net, val, args.batch)
+        state["elapsed_s"] += time.monotonic() - t0
+        state["epoch"] += 1
+        record = {
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "minutes": round(state["elapsed_s"] / 60, 2),
+            "train_loss": float(np.mean(losses)) if losses else None,
+            **{f"val_{k}": round(v, 4) for k, v in metrics.items()},
+        }
+        state["history"].append(record)
+        print(json.dumps(record), flush=True)
+        improved = metrics["loss"] < state["best"]
+        if improved:
+            state["best"] = metrics["loss"]
+            state["best_epoch"] = state["epoch"]
+        ckpt = {
+            "model": net.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "state": state,
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
+        torch.save(ckpt, run_dir / "last.tmp.pt")
+        (run_dir / "last.tmp.pt").replace(last)
+        if improved:
+            torch.save({"model": net.state_dict(), "state": state}, run_dir / "best.pt")
+            diff = export_onnx(net, args.model_dir / FILE, args.size)
+            write_manifest(
+                args.model_dir,
+                size=args.size,
+                version=VERSION,
+                training={
+                    "data_digest": digest,
+                    "images": counts["train"],
+                    "val_images": counts["val"],
+                    "epochs": state["epoch"],
+                    "steps": state["step"],
+                    "minutes": round(state["elapsed_s"] / 60, 1),
+                    "seed": args.seed,
+                    "batch": args.batch,
+                    "lr": args.lr,
+                    "params": parameter_count(net),
+                    "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
+                },
+                metrics={
+                    "val_loss": round(metrics["loss"], 4),
+                    "val_image_auroc_quick": round(metrics["auroc"], 4),
+                    "onnx_parity_max_abs_diff": diff,
+                },
+            )
+            print(f"exported epoch {state['epoch']} (val loss {metrics['loss']:.4f})", flush=True)
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
