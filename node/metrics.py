@@ -157,6 +157,23 @@ def count_by_state(connection: sqlite3.Connection, table: str) -> dict[str, int]
         return {}
 
 
+_OPEN_JOB_STATES = ("queued", "running", "waiting_for_pipeline")
+
+
+def queue_depth(connection: sqlite3.Connection) -> int:
+    """Instances waiting for their study to go quiet plus jobs not yet finished."""
+    try:
+        waiting = connection.execute("SELECT COUNT(*) FROM instances WHERE job_id IS NULL")
+        n_instances = int(waiting.fetchone()[0])
+        marks = ", ".join("?" * len(_OPEN_JOB_STATES))
+        jobs = connection.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", _OPEN_JOB_STATES
+        )
+        return n_instances + int(jobs.fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 class DatabaseCollector(Collector):
     """Gauges of jobs and deliveries by state, read from the database at each scrape."""
 
@@ -172,6 +189,12 @@ class DatabaseCollector(Collector):
                 for state, n in sorted(counts.items()):
                     family.add_metric([state], n)
                 yield family
+            depth = GaugeMetricFamily(
+                "shadowspot_queue_depth",
+                "Instances waiting for their study to go quiet plus unfinished jobs.",
+                value=queue_depth(connection) if connection else 0,
+            )
+            yield depth
         finally:
             if connection is not None:
                 connection.close()
