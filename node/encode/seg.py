@@ -1,0 +1,132 @@
+"""DICOM Segmentation: one segment per finding, in the source image's pixel grid.
+
+Projection radiographs (CR, DX) have no Frame of Reference, so highdicom builds the SEG
+without plane positions and refuses ``plane_orientation`` as an argument ("the pixel array must
+be spatially aligned with the source images"). Two attributes it does not take as arguments
+are therefore set on the built object, and only for sources without a Frame of Reference:
+
+* Patient Orientation (General Image, Type 2C: required when the image has no Image
+  Orientation (Patient)), copied from the source; empty (Type 2) when the source has none.
+* Plane Orientation Sequence in the Shared Functional Groups with the identity in-plane
+  orientation cornerstone3D assumes for the radiograph itself: OHIF 3.13's SEG loader reads
+  it and fails without it, so the overlay would never show.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from node.encode import codes as sc
+from node.encode.common import ObjectUIDs, Producer, ResultUIDs, cielab, tracking_id
+from node.errors import EncodeError
+from pipeline.result import AnalysisResult, Finding
+
+SERIES_NUMBER = 9101
+_IDENTITY_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def _segment(
+    index: int, finding: Finding, uids: ResultUIDs, producer: Producer
+) -> hd.seg.SegmentDescription:
+    anatomy = [sc.zone_code(finding.zone) or sc.LUNG]
+    description = hd.seg.SegmentDescription(
+        segment_number=index + 1,
+        segment_label=f"{sc.finding_label(finding.finding_type)} G{finding.grade}"[:64],
+        segmented_property_category=sc.property_category(finding.finding_type),
+        segmented_property_type=sc.finding_type_code(finding.finding_type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=producer.algorithm_identification(),
+        tracking_uid=uids.tracking_uid(index),
+        tracking_id=tracking_id(index, finding),
+        anatomic_regions=[sc.LUNG],
+        primary_anatomic_structures=anatomy,
+        display_color=cielab(finding),
+    )
+    laterality = sc.laterality_code(finding.side)
+    if laterality is not None:
+        # Anatomic Region Modifier Sequence: highdicom takes no modifiers as arguments.
+        modifier = hd.sr.CodedConcept.from_code(laterality)
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
+    return description
+
+
+def _pixel_array(
+    result: AnalysisResult, kind: Literal["binary", "fractional"]
+) -> npt.NDArray[np.generic]:
+    """(1 frame, rows, columns, segments): booleans, or probabilities inside each mask."""
+    masks = np.stack([f.mask for f in result.findings], axis=-1)[None]
+    if kind == "binary":
+        return masks
+    probabilities = np.array([f.probability for f in result.findings], dtype=np.float32)
+    return (masks * probabilities).astype(np.float32)
+
+
+def build_seg(
+    *,
+    source: Dataset,
+    result: AnalysisResult,
+    uids: ResultUIDs,
+    producer: Producer,
+    segmentation_type: Literal["binary", "fractional"] = "binary",
+) -> hd.seg.Segmentation:
+    """Build the SEG for ``result`` (at least one finding) on ``source``."""
+    if not result.findings:
+        raise EncodeError("a segmentation needs at least one finding")
+    own: ObjectUIDs = uids.seg
+    seg_type = (
+        hd.seg.SegmentationTypeValues.BINARY
+        if segmentation_type == "binary"
+        else hd.seg.SegmentationTypeValues.FRACTIONAL
+    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[_usable_source(source)],
+            pixel_array=_pixel_array(result, segmentation_type),
+            segmentation_type=seg_type,
+            segment_descriptions=[
+                _segment(i, f, uids, producer) for i, f in enumerate(result.findings)
+            ],
+            series_instance_uid=own.series_instance_uid,
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=own.sop_instance_uid,
+            instance_number=1,
+            manufacturer=producer.manufacturer,
+            manufacturer_model_name=producer.model_name[:64],
+            software_versions=producer.software_version,
+            device_serial_number=producer.device_serial_number,
+            series_description=f"{producer.manufacturer} findings (SEG)",
+            content_label="FINDINGS",
+            content_description=f"{producer.algorithm_name} {producer.model_version}"[:64],
+            contributing_equipment=producer.contributing_equipment(),
+            omit_empty_frames=False,
+        )
+    except (ValueError, TypeError) as exc:
+        raise EncodeError(f"SEG could not be built: {exc}") from exc
+    if "FrameOfReferenceUID" not in source:
+        _add_projection_geometry(seg, source)
+    return seg
+
+
+def _usable_source(source: Dataset) -> Dataset:
+    """The source as highdicom should see it: a Pixel Spacing with a zero or negative value
+    (some CR writers put 0\\0 for "uncalibrated") would be copied into the SEG's Pixel
+    Measures, where it is an error; without it the SEG simply has no pixel measures."""
+    spacing = source.get("PixelSpacing", None)
+    if spacing is None or (len(spacing) == 2 and min(float(v) for v in spacing) > 0):
+        return source
+    cleaned = copy.copy(source)
+    del cleaned.PixelSpacing
+    return cleaned
+
+
+def _add_projection_geometry(seg: hd.seg.Segmentation, source: Dataset) -> None:
+    seg.PatientOrientation = list(source.get("PatientOrientation", None) or [])
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = _IDENTITY_ORIENTATION
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
