@@ -13,7 +13,7 @@ import torch
 
 from models.training.dataset import CHANNELS
 from models.training.net import Exported, UNet
-from models.training.preprocess import HIGH_PERCENTILE, LOW_PERCENTILE, RESIZE_SPEC
+from models.training.preprocess import RESIZE_SPEC, WINDOW_SPEC
 
 NAME = "shadowspot-lesion-unet"
 FILE = "shadowspot-lesion.onnx"
@@ -90,8 +90,7 @@ def write_manifest(
             "name": "image",
             "height": size,
             "width": size,
-            "window": {"low_percentile": LOW_PERCENTILE, "high_percentile": HIGH_PERCENTILE},
-            "window_over": "all pixels of the grey image (after S100 inversion / luma)",
+            "window": WINDOW_SPEC,
             "resize": RESIZE_SPEC,
             "normalisation": "inside the graph: per-image (x - mean) / (std + 1e-3)",
         },

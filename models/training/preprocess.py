@@ -1,47 +1,38 @@
-"""Step S200 as the model was trained with it: robust percentile window, then resize.
+"""Step S200 as the model is trained with it: the pipeline's own ``model_input``.
 
-The pipeline must prepare images exactly like this; ``models/manifest.json`` records every
-number used here (``input.window`` and ``input.resize``). This module uses numpy and Pillow
-only so the evaluation command and the tests can run without torch.
+Training packs its data with ``pipeline.window.model_input`` (S100 exposed-field
+distribution, percentile window, clip, stretch to [0, 1], area-averaging shrink then linear
+resize to the working size, anisotropic), so training and inference cannot drift apart.
+``models/manifest.json`` records the percentiles and the working size; the pipeline reads them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+
+from pipeline.window import model_input
 
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
 
 RESIZE_SPEC = {
-    "method": "bilinear",
-    "antialias": True,
-    "aspect": "stretch",
-    "implementation": "Pillow Image.resize(BILINEAR) on the float32 windowed image ('F' mode)",
+    "method": "pipeline.window.resize",
+    "detail": "SimpleITK BinShrink by the integer factor, then linear to the exact size, "
+    "pixel centres aligned; aspect not kept (stretch)",
+}
+WINDOW_SPEC = {
+    "low_percentile": LOW_PERCENTILE,
+    "high_percentile": HIGH_PERCENTILE,
+    "over": "the S100 exposed field (pipeline.grey.analyse_distribution, default GreyConfig)",
 }
 
 
-def window(
-    pixels: npt.NDArray[np.generic],
-    low_percentile: float = LOW_PERCENTILE,
-    high_percentile: float = HIGH_PERCENTILE,
-) -> npt.NDArray[np.float32]:
-    """S200: clip to the [low, high] percentiles of all pixels and rescale to [0, 1]."""
-    grey = np.asarray(pixels, dtype=np.float32)
-    low, high = np.percentile(grey, [low_percentile, high_percentile])
-    if high <= low:
-        return np.zeros(grey.shape, dtype=np.float32)
-    return ((np.clip(grey, low, high) - low) / (high - low)).astype(np.float32)
-
-
-def resize(image: npt.NDArray[np.float32], height: int, width: int) -> npt.NDArray[np.float32]:
-    """Resize a float image to (height, width), stretching anisotropically."""
-    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
-    out = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
-    return np.clip(out, 0.0, 1.0)
-
-
 def prepare(pixels: npt.NDArray[np.generic], height: int, width: int) -> npt.NDArray[np.float32]:
-    """Window then resize: the model's input for one grey image, (height, width) in [0, 1]."""
-    return resize(window(pixels), height, width)
+    """S100 + S200 for a 2-D grey array: the model's input, (height, width) float32 in [0, 1]."""
+    return model_input(
+        pixels,
+        working_shape=(height, width),
+        low_percentile=LOW_PERCENTILE,
+        high_percentile=HIGH_PERCENTILE,
+    )
