@@ -1,0 +1,336 @@
+"""The node's Application Entity: Verification SCP and Storage SCP for chest radiographs.
+
+Refuse at negotiation what we cannot handle: the called AE title must be ours, the caller must
+be listed in ``[[callers]]`` (AE title and, where given, host; none listed = anyone), at most
+``max_associations`` at once, and only the storage SOP classes below, in any transfer syntax
+pydicom decodes with the pylibjpeg plugins, accepted as the caller proposes them.
+
+The C-STORE handler checks free space, parses the header, writes ``event.encoded_dataset()``
+durably to the spool, records the instance in the queue and only then answers success.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from pydicom import uid
+from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+
+from node.config import Config
+from node.dimse import VERIFICATION_SOP_CLASS, RejectReason, RejectResult, RejectSource, Status
+from node.errors import IngestError
+from node.queue import Queue
+from node.spool import Spool, inspect
+
+_config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-PDU narration; we log one line per event
+
+STORAGE_SOP_CLASSES: tuple[uid.UID, ...] = (
+    uid.ComputedRadiographyImageStorage,
+    uid.DigitalXRayImageStorageForPresentation,
+    uid.DigitalXRayImageStorageForProcessing,
+    uid.SecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+)
+"""CR, DX for presentation and for processing, Secondary Capture (incl. grey multi-frame)."""
+
+TRANSFER_SYNTAXES: tuple[uid.UID, ...] = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.RLELossless,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+)
+"""Every transfer syntax pydicom decodes with pylibjpeg (+ -libjpeg, -openjpeg, -rle)."""
+
+log = structlog.stdlib.get_logger("node.scp")
+
+
+def _addresses(host: str) -> frozenset[str]:
+    """The IP addresses ``host`` (an address or a name) stands for."""
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        log.warning("caller_host_unresolved", host=host)
+        return frozenset()
+    return frozenset(str(info[4][0]) for info in infos)
+
+
+def _normalise(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallerPolicy:
+    """Who may associate: our called AE title and the ``[[callers]]`` list."""
+
+    ae_title: str
+    callers: dict[str, frozenset[str] | None]
+    """Calling AE title → allowed addresses (None: any address)."""
+
+    @classmethod
+    def from_config(cls, config: Config) -> CallerPolicy:
+        callers = {
+            c.ae_title: (None if c.host is None else _addresses(c.host)) for c in config.callers
+        }
+        return cls(ae_title=config.node.ae_title, callers=callers)
+
+    @property
+    def open_to_anyone(self) -> bool:
+        return not self.callers
+
+    def check(self, *, called_ae: str, calling_ae: str, address: str) -> RejectReason | None:
+        """The reason to reject this association request, or None to go on negotiating."""
+        if called_ae.strip() != self.ae_title:
+            return RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED
+        if self.open_to_anyone:
+            return None
+        calling = calling_ae.strip()
+        if calling not in self.callers:
+            return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+        allowed = self.callers[calling]
+        if allowed is not None and _normalise(address) not in allowed:
+            return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+        return None
+
+
+def _server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    assert tls.certificate is not None and tls.private_key is not None  # checked by TLSConfig
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(tls.ca_certificates)
+    if tls.require_client_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class StorageSCP:
+    """The listening AE. ``start()`` binds and returns at once; ``stop()`` drains and closes."""
+
+    def __init__(self, config: Config, *, spool: Spool, queue: Queue) -> None:
+        self._config = config
+        self._spool = spool
+        self._queue = queue
+        self.policy = CallerPolicy.from_config(config)
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._closing = False
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        node = self._config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.acse_timeout = node.network_timeout_seconds
+        ae.dimse_timeout = node.network_timeout_seconds
+        ae.network_timeout = node.network_timeout_seconds
+        ae.require_called_aet = False  # checked in _on_requested, with logging
+        ae.add_supported_context(
+            VERIFICATION_SOP_CLASS, [uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian]
+        )
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        return ae
+
+    # Life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Listen on the configured host and port; returns the bound (host, port)."""
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_ended, ["released"]),
+            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        node = self._config.node
+        self._server = self.ae.start_server(
+            (node.host, node.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=_server_ssl_context(self._config),
+        )
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("not started")
+        return int(self._server.server_address[1])
+
+    def active_associations(self) -> int:
+        return 0 if self._server is None else len(self._server.active_associations)
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting, let associations end (up to ``grace_seconds``), finish every C-STORE
+        in flight, then abort what is still open."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()  # closes the listening socket: no new associations
+        deadline = time.monotonic() + grace_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            self._closing = True
+        while self._in_flight and time.monotonic() < deadline + grace_seconds:
+            time.sleep(0.02)
+        open_now = server.active_associations
+        for assoc in open_now:
+            assoc.abort()
+        log.info("scp_stopped", aborted_associations=len(open_now))
+
+    # Association events ------------------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        primitive = event.assoc.requestor.primitive
+        assert primitive is not None  # set by pynetdicom before EVT_REQUESTED
+        calling_ae = str(primitive.calling_ae_title).strip()
+        called_ae = str(primitive.called_ae_title).strip()
+        address = str(event.assoc.requestor.address)
+        structlog.contextvars.bind_contextvars(
+            association_id=uuid.uuid4().hex[:12],
+            calling_ae=calling_ae,
+            peer=f"{address}:{event.assoc.requestor.port}",
+        )
+        reason = self.policy.check(called_ae=called_ae, calling_ae=calling_ae, address=address)
+        if reason is None:
+            return
+        log.warning("association_rejected", reason=reason.name.lower(), called_ae=called_ae)
+        event.assoc.acse.send_reject(
+            RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER, reason
+        )
+        event.assoc.kill()
+
+    def _on_established(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        structlog.contextvars.bind_contextvars(
+            calling_ae=str(requestor.ae_title).strip(),
+            peer=f"{requestor.address}:{requestor.port}",
+        )
+        log.info("association_established")
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning("association_refused_by_limit", max_associations=self.ae.maximum_associations)
+
+    def _on_ended(self, event: evt.Event, how: str) -> None:
+        log.info(f"association_{how}")
+        structlog.contextvars.clear_contextvars()
+
+    def _on_c_echo(self, event: evt.Event) -> int:
+        log.info("echo_answered")
+        return int(Status.SUCCESS)
+
+    # C-STORE -----------------------------------------------------------------------------------
+
+    def _on_c_store(self, event: evt.Event) -> int:
+        with self._lock:
+            if self._closing:
+                log.warning("instance_refused", reason="node shutting down")
+                return int(Status.OUT_OF_RESOURCES)
+            self._in_flight += 1
+        sop_instance = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
+        try:
+            with structlog.contextvars.bound_contextvars(sop_instance_uid=sop_instance):
+                return int(self._store(event))
+        except Exception:  # the one catch-all of intake: answer a failure, keep serving
+            log.exception("instance_failed", sop_instance_uid=sop_instance)
+            return int(Status.PROCESSING_FAILURE)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _store(self, event: evt.Event) -> Status:
+        request = cast(C_STORE, event.request)
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        started = time.monotonic()
+        data = b""
+        try:
+            data = event.encoded_dataset()
+            self._spool.check_space(len(data))
+            if self._queue.has_instance(sop_instance):
+                log.info("instance_duplicate", sop_class=uid.UID(sop_class).name)
+                return Status.SUCCESS
+            header = inspect(data, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+            path = self._spool.write(data, header)
+            added = self._queue.add_instance(
+                header,
+                path=path,
+                calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                peer=str(event.assoc.requestor.address),
+            )
+        except IngestError as exc:
+            return self._refuse(event, data, exc, sop_class, sop_instance)
+        except OSError as exc:
+            log.error("instance_refused", reason=f"cannot write: {exc.strerror}")
+            return Status.OUT_OF_RESOURCES
+        log.info(
+            "instance_spooled" if added else "instance_duplicate",
+            study_instance_uid=header.study_instance_uid,
+            sop_class=uid.UID(sop_class).name,
+            transfer_syntax=uid.UID(header.transfer_syntax_uid).name,
+            bytes=len(data),
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return Status.SUCCESS
+
+    def _refuse(
+        self, event: evt.Event, data: bytes, exc: IngestError, sop_class: str, sop_instance: str
+    ) -> Status:
+        status = Status(exc.status)
+        fields: dict[str, Any] = {"status": f"0x{status.value:04X}", "reason": str(exc)}
+        if status is Status.OUT_OF_RESOURCES:
+            log.error("instance_refused", **fields)
+            return status
+        if status is Status.CANNOT_UNDERSTAND:
+            fields["reason"] = "the dataset cannot be parsed"  # parser text may quote values
+        path = self._spool.quarantine(
+            data,
+            status=status,
+            reason=str(exc),
+            context={
+                "calling_ae": str(event.assoc.requestor.ae_title).strip(),
+                "peer": str(event.assoc.requestor.address),
+                "sop_class_uid": sop_class,
+                "sop_instance_uid": sop_instance,
+            },
+        )
+        log.warning("instance_quarantined", path=str(path), **fields)
+        return status

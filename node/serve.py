@@ -1,0 +1,160 @@
+"""``shadowspot serve``: start the node and stop it cleanly.
+
+Start-up order: logging → storage folders → queue (recover jobs a dead process left running,
+adopt spooled files a crash left unrecorded) → worker threads → Storage SCP. SIGTERM/SIGINT:
+stop accepting associations, finish the C-STOREs in flight, let the workers hand back their
+jobs, close the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import pydicom
+import structlog
+
+from node import __version__
+from node.config import Config
+from node.errors import IngestError
+from node.logs import configure_logging
+from node.queue import Queue
+from node.scp import StorageSCP
+from node.spool import Spool, inspect
+from node.worker import PipelineHooks, Worker
+
+log = structlog.stdlib.get_logger("node.serve")
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def load_pipeline_hooks(config: Config) -> PipelineHooks | None:
+    """The real analysis and publication hooks, or None while those modules do not exist."""
+    missing = [m for m in ("node.analysis", "node.results") if importlib.util.find_spec(m) is None]
+    if missing:
+        log.warning("pipeline_unavailable", reason=f"modules not present: {', '.join(missing)}")
+        return None
+    log.warning("pipeline_unavailable", reason="node.analysis/node.results not wired yet")
+    return None
+
+
+class Node:
+    """Queue, spool, workers and SCP of one running node (what ``serve`` runs; tests use it)."""
+
+    def __init__(self, config: Config, *, hooks: PipelineHooks | None) -> None:
+        self.config = config
+        storage = config.node.storage
+        storage.mkdir(parents=True, exist_ok=True)
+        self.queue = Queue(storage, study_quiet_seconds=config.node.study_quiet_seconds)
+        self.spool = Spool(storage, min_free_bytes=int(config.node.min_free_mb * 1_000_000))
+        self.hooks = hooks
+        self.scp = StorageSCP(config, spool=self.spool, queue=self.queue)
+        self._stop = threading.Event()
+        self.workers = [
+            Worker(self.queue, hooks, stop=self._stop, name=f"worker-{i + 1}")
+            for i in range(config.node.analysis_workers)
+        ]
+
+    def start(self) -> int:
+        """Recover, start workers and the SCP; returns the bound port."""
+        requeued, failed = self.queue.recover()
+        adopted = self.adopt_orphans()
+        waiting = self.queue.requeue_waiting() if self.hooks is not None else 0
+        log.info(
+            "queue_recovered",
+            requeued_jobs=requeued,
+            failed_jobs=failed,
+            adopted_instances=adopted,
+            requeued_waiting=waiting,
+            pending_instances=self.queue.pending_instances(),
+            **{f"jobs_{k}": v for k, v in self.queue.job_counts().items()},
+        )
+        for worker in self.workers:
+            worker.start()
+        _, port = self.scp.start()
+        return port
+
+    def adopt_orphans(self) -> int:
+        """Record spooled files that a crash left between rename and database commit."""
+        known = self.queue.known_paths()
+        adopted = 0
+        for path in self.spool.files():
+            if path in known:
+                continue
+            try:
+                data = path.read_bytes()
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                header = inspect(
+                    data, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID)
+                )
+            except (IngestError, OSError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
+                log.error("orphan_unreadable", path=str(path), error=type(exc).__name__)
+                continue
+            if self.queue.add_instance(
+                header, path=path, calling_ae="", peer="", received_at=path.stat().st_mtime
+            ):
+                adopted += 1
+        return adopted
+
+    def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop accepting, drain the C-STOREs in flight, stop the workers, close the queue."""
+        self.scp.stop(grace_seconds)
+        self._stop.set()
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.join()
+        self.queue.close()
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    """Run the node until SIGTERM or SIGINT."""
+    log_dir = config.node.storage / "logs" if config.logging.file else None
+    log_file = configure_logging(
+        fmt=args.log_format or config.logging.format, level=config.logging.level, log_dir=log_dir
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if not config.callers:
+        log.warning("callers_unrestricted", detail="no [[callers]] listed: any AE may send")
+    node = Node(config, hooks=load_pipeline_hooks(config))
+    port = node.start()
+    log.info(
+        "node_started",
+        version=__version__,
+        ae_title=config.node.ae_title,
+        host=config.node.host,
+        port=port,
+        storage=str(config.node.storage.resolve()),
+        log_file=str(log_file) if log_file else None,
+        config=config.source,
+        pipeline=node.hooks.description if node.hooks else None,
+    )
+    while not stop.wait(0.5):
+        pass
+    started = time.monotonic()
+    node.stop()
+    log.info("node_stopped", ms=round((time.monotonic() - started) * 1000, 1))
+    return 0
+
+
+def storage_paths(config: Config) -> dict[str, Path]:
+    """Where the node keeps things (for the README and ``status``-like tools)."""
+    root = config.node.storage
+    return {
+        "spool": root / "spool",
+        "quarantine": root / "quarantine",
+        "database": root / "shadowspot.db",
+        "results": root / "results",
+        "logs": root / "logs",
+    }

@@ -1,0 +1,183 @@
+"""Durable intake: the spool folder and the quarantine.
+
+``<storage>/spool/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` holds each received instance
+exactly as encoded on the wire (``event.encoded_dataset()``: preamble, file meta, dataset in
+its transfer syntax; nothing is recompressed). A file appears there only complete: it is
+written to ``spool/.tmp/``, fsynced, renamed into place and the folder fsynced, before the
+C-STORE handler answers success.
+
+``<storage>/quarantine/<time>_<id>.dcm`` keeps what we refused because it cannot be parsed or
+is not an image, beside ``<same name>.reason.json`` saying why.
+
+Free space is checked first: below the floor nothing is written (Out of Resources).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from node.dimse import Status
+from node.errors import IngestError
+from node.queue import InstanceHeader
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PIXEL_DATA = 0x7FE00010
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(target: Path, data: bytes, tmp_dir: Path) -> None:
+    """Temp file, fsync, atomic rename, fsync the folder(s)."""
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    new_dir = not target.parent.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if new_dir:
+        fsync_dir(target.parent.parent)
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _check_uid(value: str, keyword: str) -> str:
+    if not value or len(value) > 64 or not _UID.match(value):
+        raise IngestError(
+            f"{keyword} is missing or not a valid UID",
+            status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        )
+    return value
+
+
+def inspect(data: bytes, *, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
+    """Parse an encoded instance fully and check it is an image we can keep.
+
+    ``sop_class_uid``/``sop_instance_uid`` are those of the C-STORE request; the dataset must
+    agree with them. Raises ``IngestError`` with Cannot Understand (unparseable) or Data Set
+    Does Not Match SOP Class (no pixel data, missing or inconsistent identifiers).
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=False)
+        for element in ds.iterall():  # convert every value now: a bad one fails here, not later
+            _ = element.value
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise IngestError(
+            f"cannot parse the dataset ({type(exc).__name__}: {exc})",
+            status=Status.CANNOT_UNDERSTAND,
+        ) from exc
+    if _PIXEL_DATA not in ds or not ds[_PIXEL_DATA].value:
+        raise IngestError(
+            "the dataset has no Pixel Data", status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        )
+    if "Rows" not in ds or "Columns" not in ds:
+        raise IngestError(
+            "the image has no Rows/Columns", status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        )
+    if _text(ds, "SOPClassUID") != sop_class_uid:
+        raise IngestError(
+            "SOP Class UID in the dataset differs from the request",
+            status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        )
+    if _text(ds, "SOPInstanceUID") != sop_instance_uid:
+        raise IngestError(
+            "SOP Instance UID in the dataset differs from the request",
+            status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        )
+    frames = ds.get("NumberOfFrames", 1)
+    return InstanceHeader(
+        sop_instance_uid=_check_uid(sop_instance_uid, "SOPInstanceUID"),
+        sop_class_uid=sop_class_uid,
+        study_instance_uid=_check_uid(_text(ds, "StudyInstanceUID"), "StudyInstanceUID"),
+        series_instance_uid=_check_uid(_text(ds, "SeriesInstanceUID"), "SeriesInstanceUID"),
+        transfer_syntax_uid=transfer_syntax,
+        modality=_text(ds, "Modality"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        view_position=_text(ds, "ViewPosition"),
+        number_of_frames=int(frames) if frames not in (None, "") else 1,
+    )
+
+
+class Spool:
+    """The spool and quarantine folders under ``storage``, with a free-space floor."""
+
+    def __init__(self, storage: Path, *, min_free_bytes: int) -> None:
+        self.root = storage / "spool"
+        self.quarantine_dir = storage / "quarantine"
+        self._tmp = self.root / ".tmp"
+        self.min_free_bytes = min_free_bytes
+        for folder in (self.root, self._tmp, self.quarantine_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self._tmp.glob("*.part"):  # a write a crash interrupted: never acked
+            leftover.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int) -> None:
+        """Raise Out of Resources if writing ``incoming`` bytes would cross the floor."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise IngestError(
+                f"free space {free // 2**20} MiB is below the floor "
+                f"{self.min_free_bytes // 2**20} MiB",
+                status=Status.OUT_OF_RESOURCES,
+            )
+
+    def path_for(self, header: InstanceHeader) -> Path:
+        return self.root / header.study_instance_uid / f"{header.sop_instance_uid}.dcm"
+
+    def write(self, data: bytes, header: InstanceHeader) -> Path:
+        """Store ``data`` durably at its spool path and return the path."""
+        target = self.path_for(header)
+        _write_durably(target, data, self._tmp)
+        return target
+
+    def quarantine(
+        self, data: bytes, *, status: Status, reason: str, context: dict[str, Any]
+    ) -> Path:
+        """Keep a refused object with a ``.reason.json`` beside it; returns the object's path."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.quarantine_dir / f"{stamp}_{uuid.uuid4().hex[:12]}.dcm"
+        record = {
+            "status": f"0x{status.value:04X}",
+            "status_name": status.name,
+            "reason": reason,
+            "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **context,
+        }
+        reason_path = target.with_name(target.stem + ".reason.json")
+        _write_durably(reason_path, json.dumps(record, indent=2).encode(), self._tmp)
+        _write_durably(target, data, self._tmp)
+        return target
+
+    def files(self) -> Iterator[Path]:
+        """Every complete spooled instance file."""
+        for study in self.root.iterdir():
+            if study.is_dir() and study.name != ".tmp":
+                yield from study.glob("*.dcm")

@@ -1,0 +1,196 @@
+"""Worker threads: take a study job from the queue and run the pipeline on each instance.
+
+For each instance of a claimed job the worker decides from the stored header whether it is a
+chest radiograph we analyse (else: ``skipped`` with the reason), then calls the two hooks it was
+given (``PipelineHooks``): ``analyse_file(path)`` (``node.analysis``) and ``publish(...)``
+(``node.results``). Without hooks the job ends ``waiting_for_pipeline``: nothing is faked, and
+the next process that has a pipeline puts it back in the queue.
+
+Each finished instance is committed at once, so a job interrupted by a crash or a shutdown only
+re-runs what it had not finished. ``publish`` must itself be idempotent per SOP instance (its
+result UIDs are generated once and stored), because a crash between ``publish`` returning and
+the instance being marked ``analysed`` re-runs that one instance.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+from pydicom import Dataset, uid
+
+from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
+from pipeline.errors import InputImageError, ModelError
+from pipeline.result import AnalysisResult
+
+log = structlog.stdlib.get_logger("node.worker")
+
+ANALYSED_SOP_CLASSES = frozenset(
+    {
+        uid.ComputedRadiographyImageStorage,
+        uid.DigitalXRayImageStorageForPresentation,
+        uid.SecondaryCaptureImageStorage,
+    }
+)
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
+
+
+class AnalyseFile(Protocol):
+    """``node.analysis.Analyser.analyse_file``: read one DICOM file and run the pipeline."""
+
+    def __call__(self, path: Path, /) -> tuple[Dataset, AnalysisResult]: ...
+
+
+class Publish(Protocol):
+    """Encode and store the results of one instance and enqueue their deliveries.
+
+    Must be idempotent for a given ``instance.sop_instance_uid`` (see the module docstring).
+    """
+
+    def __call__(
+        self, *, dataset: Dataset, result: AnalysisResult, job: Job, instance: Instance
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineHooks:
+    """What the worker calls for each chest radiograph: analysis, then publication."""
+
+    analyse_file: AnalyseFile
+    publish: Publish
+    description: str = "pipeline"
+
+
+def not_analysed_because(header: InstanceHeader) -> str | None:
+    """Why this instance is not a chest radiograph we analyse, or None if it is one."""
+    if header.number_of_frames > 1:
+        return f"multi-frame image ({header.number_of_frames} frames), not a radiograph"
+    if header.sop_class_uid not in ANALYSED_SOP_CLASSES:
+        return f"SOP class {uid.UID(header.sop_class_uid).name} is not analysed"
+    modality = header.modality.upper()
+    is_sc = header.sop_class_uid == uid.SecondaryCaptureImageStorage
+    if modality not in ("", "CR", "DX") and not (is_sc and modality == "OT"):
+        return f"modality {modality} is not a radiograph"
+    body_part = header.body_part_examined.upper()
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        return f"body part {body_part} is not the chest"
+    if is_sc and not body_part:
+        return "secondary capture without BodyPartExamined CHEST"
+    if header.view_position.upper() in LATERAL_VIEWS:
+        return f"lateral view ({header.view_position}); frontal views only"
+    return None
+
+
+class Worker(threading.Thread):
+    """One worker thread: forms jobs of quiet studies, claims one at a time, processes it."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        hooks: PipelineHooks | None,
+        *,
+        stop: threading.Event,
+        name: str = "worker-1",
+        poll_seconds: float = 0.2,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self._queue = queue
+        self._hooks = hooks
+        self._stop_event = stop
+        self._poll = poll_seconds
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                for formed in self._queue.form_jobs():
+                    log.info(
+                        "job_formed", job_id=formed.id, study_instance_uid=formed.study_instance_uid
+                    )
+                job = self._queue.claim()
+                if job is None:
+                    self._stop_event.wait(self._poll)
+                    continue
+                self.process(job)
+            except Exception:  # the worker loop's one catch-all: log, back off, keep serving
+                log.exception("worker_failed")
+                self._stop_event.wait(1.0)
+
+    def process(self, job: Job) -> JobState:
+        """Run one claimed job to an end state (or release it at shutdown)."""
+        context = {
+            "job_id": job.id,
+            "study_instance_uid": job.study_instance_uid,
+            "calling_ae": job.calling_ae,
+            "attempt": job.attempts,
+        }
+        with structlog.contextvars.bound_contextvars(**context):
+            return self._process(job)
+
+    def _process(self, job: Job) -> JobState:
+        started = time.monotonic()
+        outcomes: Counter[str] = Counter()
+        waiting_reason: str | None = None
+        for instance in self._queue.instances_of(job.id):
+            if instance.state.finished:
+                outcomes["already_" + instance.state.value] += 1
+                continue
+            if self._stop_event.is_set():
+                self._queue.release(job.id)
+                log.info("job_released", **outcomes)
+                return JobState.QUEUED
+            with structlog.contextvars.bound_contextvars(
+                sop_instance_uid=instance.sop_instance_uid
+            ):
+                outcome = self._instance(job, instance)
+            if isinstance(outcome, str):
+                waiting_reason = outcome
+                outcomes["waiting"] += 1
+            else:
+                outcomes[outcome.value] += 1
+        ms = round((time.monotonic() - started) * 1000, 1)
+        if waiting_reason is not None:
+            self._queue.finish_job(job.id, JobState.WAITING_FOR_PIPELINE, waiting_reason)
+            log.warning("study_waiting_for_pipeline", reason=waiting_reason, ms=ms, **outcomes)
+            return JobState.WAITING_FOR_PIPELINE
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+        self._queue.finish_job(job.id, JobState.DONE, summary)
+        log.info("study_processed", ms=ms, **outcomes)
+        return JobState.DONE
+
+    def _instance(self, job: Job, instance: Instance) -> InstanceState | str:
+        """Process one instance; returns its final state, or why it must wait for a pipeline."""
+        reason = not_analysed_because(instance.header)
+        if reason is not None:
+            self._queue.finish_instance(instance.sop_instance_uid, InstanceState.SKIPPED, reason)
+            log.info("instance_skipped", reason=reason)
+            return InstanceState.SKIPPED
+        if self._hooks is None:
+            return "no pipeline in this process (node.analysis / node.results not available)"
+        try:
+            dataset, result = self._hooks.analyse_file(instance.path)
+            self._hooks.publish(dataset=dataset, result=result, job=job, instance=instance)
+        except ModelError as exc:
+            log.error("pipeline_unavailable", error=type(exc).__name__)
+            return f"model unavailable: {exc}"
+        except Exception as exc:  # part of the worker loop: record the failure, go on
+            failure = f"{type(exc).__name__}: {exc}"
+            self._queue.finish_instance(instance.sop_instance_uid, InstanceState.FAILED, failure)
+            if isinstance(exc, InputImageError):
+                log.warning("instance_failed", error=type(exc).__name__)
+            else:
+                log.exception("instance_failed", error=type(exc).__name__)
+            return InstanceState.FAILED
+        self._queue.finish_instance(instance.sop_instance_uid, InstanceState.ANALYSED, None)
+        log.info(
+            "instance_analysed",
+            findings=len(result.findings),
+            alert=result.alert,
+            highest_grade=result.highest_grade,
+        )
+        return InstanceState.ANALYSED
