@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,20 @@ def export_onnx(net: UNet, path: Path, size: int) -> float:
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(
-        model,
-        (example,),
-        str(tmp),
-        input_names=["image"],
-        output_names=["probabilities"],
-        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    # The TorchScript exporter (dynamo=False) needs no onnxscript, which the train extra
+    # does not install; torch marks it deprecated, which is all these warnings say.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
     with torch.no_grad():
         expected = model(example).numpy()
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])

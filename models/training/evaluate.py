@@ -1,0 +1,465 @@
+"""Evaluate the shipped model on any ``cxr-lesions`` folder, through the real pipeline.
+
+    python -m models.training.evaluate ../shared/data/cxr-lesions --split val --out bench/work/eval
+
+For every image the engine returns findings (group, box in input pixels, probability, alert,
+mask) and the lung mask. ``--engine pipeline`` (default) runs ``pipeline.analyse`` on a
+``SourceImage``; ``--engine network`` runs the ONNX model alone with connected components
+(the reference the pipeline must not fall below). Each engine runs twice: with the finding
+thresholds lowered to ``--sweep-threshold`` (candidates for FROC, AP50, AUROC) and at the
+manifest's operating point (hits, Dice, normal studies with findings / alerts). The no-image
+baseline puts the same four lung-quadrant boxes on every image. Writes ``summary.json`` and
+``froc.png`` to ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import SimpleITK as sitk
+from PIL import Image, ImageDraw
+
+from models.training import metrics as M
+from models.training.dataset import Record, load_grey, read_records, split_by_patient
+from models.training.preprocess import prepare
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP_OF_LABEL = {
+    "nodule": "spot",
+    "mass": "spot",
+    "active_tuberculosis": "shadow",
+    "obsolete_tuberculosis": "shadow",
+    "tuberculosis": "shadow",
+    "consolidation": "shadow",
+    "ground_glass_opacity": "shadow",
+    "infiltration": "shadow",
+    "opacity": "shadow",
+}
+GROUPS = ("spot", "shadow")
+NIH = ("nih-chestxray14-mass50", "nih-cxr14-nofinding")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Found:
+    group: str
+    box: M.Box
+    probability: float
+    alert: bool | None
+    mask: npt.NDArray[np.bool_] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Analysed:
+    findings: tuple[Found, ...]
+    lung: npt.NDArray[np.bool_] | None
+
+
+Engine = Callable[[npt.NDArray[np.uint8]], Analysed]
+
+
+# --- engines -------------------------------------------------------------------------------
+
+
+def _components(
+    prob: npt.NDArray[np.float32], threshold: float, relative: float
+) -> list[tuple[npt.NDArray[np.bool_], float]]:
+    """Connected components of prob ≥ threshold, each cut to ≥ relative × its peak."""
+    labels = sitk.GetArrayFromImage(
+        sitk.ConnectedComponent(sitk.GetImageFromArray((prob >= threshold).astype(np.uint8)), True)
+    )
+    out = []
+    for k in range(1, int(labels.max()) + 1):
+        region = labels == k
+        peak = float(prob[region].max())
+        if relative > 0:
+            region &= prob >= relative * peak
+        out.append((region, peak))
+    return out
+
+
+class NetworkEngine:
+    """The ONNX model alone: S200 preprocessing, components per finding channel."""
+
+    def __init__(self, model_dir: Path, thresholds: dict[str, float], relative: float) -> None:
+        self.manifest = json.loads((model_dir / "manifest.json").read_text())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        self.session = ort.InferenceSession(
+            str(model_dir / self.manifest["file"]), options, providers=["CPUExecutionProvider"]
+        )
+        self.thresholds = thresholds
+        self.relative = relative
+        self.size = (self.manifest["input"]["height"], self.manifest["input"]["width"])
+
+    def probabilities(self, grey: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        x = prepare(grey, *self.size)[None, None]
+        out: npt.NDArray[np.float32] = self.session.run(["probabilities"], {"image": x})[0][0]
+        return out
+
+    def __call__(self, grey: npt.NDArray[np.uint8]) -> Analysed:
+        probs = self.probabilities(grey)
+        h, w = grey.shape
+        sy, sx = h / self.size[0], w / self.size[1]
+        found = []
+        lung = None
+        for c, spec in enumerate(self.manifest["channels"]):
+            if spec["kind"] == "lung":
+                lung = _upsample(probs[c] >= 0.5, grey.shape)
+                continue
+            for region, peak in _components(probs[c], self.thresholds[spec["name"]], self.relative):
+                ys, xs = np.nonzero(region)
+                box = (xs.min() * sx, ys.min() * sy, (xs.max() + 1) * sx, (ys.max() + 1) * sy)
+                found.append(
+                    Found(group=spec["group"], box=box, probability=peak, alert=None, mask=region)
+                )
+        return Analysed(findings=tuple(found), lung=lung)
+
+
+def _upsample(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    ri = np.minimum(
+        ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(int), mask.shape[0] - 1
+    )
+    ci = np.minimum(
+        ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(int), mask.shape[1] - 1
+    )
+    return mask[np.ix_(ri, ci)]
+
+
+def pipeline_engine(model_dir: Path) -> Engine:
+    """The real pipeline (``pipeline.analyse``) with the model in ``model_dir``."""
+    from pipeline.analyse import Analyser  # type: ignore[import-not-found]
+
+    from pipeline.config import PipelineConfig
+    from pipeline.result import SourceImage
+
+    analyser = Analyser(PipelineConfig(model_dir=model_dir))
+
+    def run(grey: npt.NDArray[np.uint8]) -> Analysed:
+        result = analyser.analyse(SourceImage(pixels=grey))
+        found = tuple(
+            Found(
+                group=str(f.finding_type.group),
+                box=tuple(map(float, f.box)),
+                probability=float(f.probability),
+                alert=bool(f.alert),
+                mask=f.mask,
+            )
+            for f in result.findings
+        )
+        lung = None if result.lung_mask is None else np.asarray(result.lung_mask, dtype=bool)
+        return Analysed(findings=found, lung=lung)
+
+    return run
+
+
+def _model_dir_with_thresholds(model_dir: Path, value: float, tmp: Path) -> Path:
+    """A copy of the model folder whose manifest has every finding threshold set to value."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    for name in manifest["operating_point"]["thresholds"]:
+        manifest["operating_point"]["thresholds"][name] = value
+    shutil.copy(model_dir / manifest["file"], tmp / manifest["file"])
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    return tmp
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+
+def _truth(records: Sequence[Record], group: str) -> dict[int, list[M.Box]]:
+    return {
+        i: [f.box for f in r.findings if GROUP_OF_LABEL.get(f.label) == group]
+        for i, r in enumerate(records)
+    }
+
+
+def _dets(
+    results: Sequence[Analysed], group: str, keep: set[int] | None = None
+) -> list[M.Detection]:
+    return [
+        M.Detection(image=i, box=f.box, score=f.probability)
+        for i, res in enumerate(results)
+        if keep is None or i in keep
+        for f in res.findings
+        if f.group == group
+    ]
+
+
+def _baseline(records: Sequence[Record]) -> list[Analysed]:
+    """Four lung-quadrant boxes on every image, all with probability 1."""
+    out = []
+    for r in records:
+        w, h = r.width, r.height
+        boxes = [
+            (0.10 * w, 0.12 * h, 0.48 * w, 0.50 * h),
+            (0.52 * w, 0.12 * h, 0.90 * w, 0.50 * h),
+            (0.10 * w, 0.50 * h, 0.48 * w, 0.88 * h),
+            (0.52 * w, 0.50 * h, 0.90 * w, 0.88 * h),
+        ]
+        out.append(
+            Analysed(
+                findings=tuple(
+                    Found(group=g, box=b, probability=1.0, alert=None)
+                    for g in GROUPS
+                    for b in boxes
+                ),
+                lung=None,
+            )
+        )
+    return out
+
+
+def score(
+    records: Sequence[Record],
+    sweep: Sequence[Analysed],
+    operating: Sequence[Analysed] | None,
+    data_dir: Path,
+) -> dict[str, Any]:
+    """All figures for one engine (``operating`` None: the baseline, sweep only)."""
+    n = len(records)
+    out: dict[str, Any] = {"images": n, "groups": {}}
+    tbx = {i for i, r in enumerate(records) if r.source == "tbx11k"}
+    for g in GROUPS:
+        truth = _truth(records, g)
+        dets = _dets(sweep, g)
+        row: dict[str, Any] = {
+            "froc": M.froc(dets, truth, n),
+            "ap50": round(M.average_precision(dets, truth, 0.5), 4),
+            "ap30": round(M.average_precision(dets, truth, 0.3), 4),
+        }
+        if operating is not None:
+            op = _dets(operating, g)
+            row["hits_iou30"] = M.hits(op, truth, 0.3)
+            row["hits_iou50"] = M.hits(op, truth, 0.5)
+            row["findings_at_operating_point"] = len(op)
+        if g == "shadow":
+            tb_truth = {i: v for i, v in truth.items() if i in tbx}
+            row["tbx11k_ap50"] = round(M.average_precision(_dets(sweep, g, tbx), tb_truth, 0.5), 4)
+            row["tbx11k_ap30"] = round(M.average_precision(_dets(sweep, g, tbx), tb_truth, 0.3), 4)
+        out["groups"][g] = row
+    abnormal = np.array([not r.normal for r in records])
+    top = np.array([max((f.probability for f in s.findings), default=0.0) for s in sweep])
+    nih = np.array([r.source in NIH for r in records])
+    out["image_auroc"] = round(M.auroc(top, abnormal), 4)
+    out["image_auroc_nih"] = round(M.auroc(top[nih], abnormal[nih]), 4)
+    if operating is None:
+        return out
+    normals = [i for i, r in enumerate(records) if r.normal]
+    out["normal_studies"] = len(normals)
+    out["normal_with_finding"] = _share(normals, lambda i: bool(operating[i].findings))
+    out["normal_with_alert"] = _share(
+        normals, lambda i: any(f.alert for f in operating[i].findings)
+    )
+    out["fp_per_normal_image"] = round(
+        sum(len(operating[i].findings) for i in normals) / max(1, len(normals)), 3
+    )
+    out["dice"] = _dice(records, operating, data_dir)
+    return out
+
+
+def _share(indices: list[int], pred: Callable[[int], bool]) -> float | None:
+    return round(sum(pred(i) for i in indices) / len(indices), 4) if indices else None
+
+
+def _dice(records: Sequence[Record], results: Sequence[Analysed], data_dir: Path) -> dict[str, Any]:
+    lesion, lung = [], []
+    for r, res in zip(records, results, strict=True):
+        masks = [f.mask for f in r.findings if f.mask and GROUP_OF_LABEL.get(f.label) == "shadow"]
+        if masks:
+            truth = np.zeros((r.height, r.width), dtype=bool)
+            for m in masks:
+                truth |= load_grey(data_dir / m) > 127
+            pred = np.zeros_like(truth)
+            for f in res.findings:
+                if f.group == "shadow" and f.mask is not None:
+                    pred |= (
+                        _upsample(f.mask, truth.shape) if f.mask.shape != truth.shape else f.mask
+                    )
+            lesion.append(M.dice(pred, truth))
+        if r.lungs and res.lung is not None:
+            truth = load_grey(data_dir / r.lungs) > 127
+            pred = res.lung if res.lung.shape == truth.shape else _upsample(res.lung, truth.shape)
+            lung.append(M.dice(pred, truth))
+    return {
+        "shadow_mean": round(float(np.mean(lesion)), 4) if lesion else None,
+        "shadow_images": len(lesion),
+        "lung_mean": round(float(np.mean(lung)), 4) if lung else None,
+        "lung_images": len(lung),
+    }
+
+
+# --- output --------------------------------------------------------------------------------
+
+COLOURS = {"spot": (220, 60, 40), "shadow": (30, 100, 220)}
+
+
+def plot_froc(summary: dict[str, Any], path: Path) -> None:
+    """FROC curves (sensitivity vs FP per image, log x) for each group, baseline dotted."""
+    w, h, left, bottom, top, right = 720, 480, 70, 60, 30, 30
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = math.log2(1 / 16), math.log2(8)
+
+    def xy(fp: float, s: float) -> tuple[float, float]:
+        x = left + (math.log2(max(fp, 1 / 16)) - lo) / (hi - lo) * (w - left - right)
+        return x, h - bottom - s * (h - top - bottom)
+
+    for rate in (1 / 16, 1 / 8, 0.25, 0.5, 1, 2, 4, 8):
+        x, _ = xy(rate, 0)
+        d.line([(x, top), (x, h - bottom)], fill=(225, 225, 225))
+        d.text((x - 10, h - bottom + 6), f"{rate:g}", fill="black")
+    for s in (0, 0.25, 0.5, 0.75, 1):
+        _, y = xy(1 / 16, s)
+        d.line([(left, y), (w - right, y)], fill=(225, 225, 225))
+        d.text((left - 34, y - 6), f"{s:.2f}", fill="black")
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    d.text((w // 2 - 80, h - 28), "false positives per image (log)", fill="black")
+    d.text((8, top - 20), "lesion sensitivity (IoU >= 0.3)", fill="black")
+    legend_y = top + 8
+    for name, key, dotted in (("model", "model", False), ("baseline", "baseline", True)):
+        for g in GROUPS:
+            curve = summary[key]["groups"][g]["froc"]["curve"]
+            pts = [xy(f, s) for f, s, _ in curve if f > 0]
+            colour = COLOURS[g]
+            if dotted:
+                for p in pts:
+                    d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], outline=colour)
+            elif len(pts) > 1:
+                d.line(pts, fill=colour, width=2)
+            d.text((w - right - 170, legend_y), f"{g} ({name})", fill=colour)
+            legend_y += 14
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def _table(summary: dict[str, Any]) -> str:
+    lines = []
+    for key in ("model", "baseline"):
+        s = summary[key]
+        lines.append(f"== {key} ({summary['engine'] if key == 'model' else 'four quadrants'})")
+        for g, row in s["groups"].items():
+            froc = row["froc"]["sensitivity_at_fp"]
+            lines.append(
+                f"{g:7s} lesions {row['froc']['lesions']:4d}  FROC@0.25/0.5/1/2 "
+                + " ".join(f"{froc[k]:.3f}" for k in ("0.25", "0.5", "1.0", "2.0"))
+                + f"  AP50 {row['ap50']:.3f}  AP30 {row['ap30']:.3f}"
+                + (
+                    f"  hits@.3 {row['hits_iou30']} @.5 {row['hits_iou50']}"
+                    if "hits_iou30" in row
+                    else ""
+                )
+                + (f"  TBX11K AP50 {row['tbx11k_ap50']:.3f}" if "tbx11k_ap50" in row else "")
+            )
+        lines.append(f"image AUROC pooled {s['image_auroc']}  NIH-only {s['image_auroc_nih']}")
+        if "normal_with_finding" in s:
+            lines.append(
+                f"normal studies {s['normal_studies']}: with finding {s['normal_with_finding']}, "
+                f"with alert {s['normal_with_alert']}, FP/normal image {s['fp_per_normal_image']}"
+            )
+            lines.append(f"Dice {s['dice']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--split", choices=("val", "train", "all"), default="all")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--engine", choices=("pipeline", "network"), default="pipeline")
+    parser.add_argument("--sweep-threshold", type=float, default=0.05)
+    parser.add_argument(
+        "--relative",
+        type=float,
+        default=0.5,
+        help="network engine: cut each component to ≥ this share of its peak",
+    )
+    parser.add_argument("--limit", type=int, default=0, help="first N images only (smoke runs)")
+    args = parser.parse_args(argv)
+
+    records = read_records(args.data_dir)
+    if args.split != "all":
+        records = split_by_patient(records)[args.split]
+    if args.limit:
+        records = records[: args.limit]
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    op_thresholds = manifest["operating_point"]["thresholds"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.engine == "network":
+            sweep_engine: Engine = NetworkEngine(
+                args.model_dir, dict.fromkeys(op_thresholds, args.sweep_threshold), args.relative
+            )
+            op_engine: Engine = NetworkEngine(args.model_dir, op_thresholds, args.relative)
+        else:
+            sweep_dir = _model_dir_with_thresholds(args.model_dir, args.sweep_threshold, Path(tmp))
+            sweep_engine = pipeline_engine(sweep_dir)
+            op_engine = pipeline_engine(args.model_dir)
+        t0 = time.monotonic()
+        sweep, operating = [], []
+        for r in records:
+            grey = load_grey(args.data_dir / "images" / f"{r.id}.png")
+            sweep.append(sweep_engine(grey))
+            operating.append(op_engine(grey))
+        seconds = time.monotonic() - t0
+    summary = {
+        "data_dir": str(args.data_dir),
+        "split": args.split,
+        "engine": args.engine,
+        "model": {
+            "name": manifest["name"],
+            "version": manifest["version"],
+            "sha256": manifest["sha256"],
+            "operating_point": manifest["operating_point"],
+        },
+        "sweep_threshold": args.sweep_threshold,
+        "seconds_per_image_both_runs": round(seconds / max(1, len(records)), 3),
+    }
+    summary["model"] = {**summary["model"], **score(records, sweep, operating, args.data_dir)}
+    summary["baseline"] = score(records, _baseline(records), None, args.data_dir)
+    summary["worst"] = _worst(records, sweep, operating)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_froc(summary, args.out / "froc.png")
+    print(_table(summary))
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'froc.png'}")
+    return 0
+
+
+def _worst(
+    records: Sequence[Record], sweep: Sequence[Analysed], operating: Sequence[Analysed]
+) -> dict[str, Any]:
+    """The normals scored highest and the lesions missed at the operating point (ids only)."""
+    normals = sorted(
+        (
+            (max((f.probability for f in s.findings), default=0.0), r.id)
+            for r, s in zip(records, sweep, strict=True)
+            if r.normal
+        ),
+        reverse=True,
+    )[:10]
+    missed = []
+    for r, op in zip(records, operating, strict=True):
+        for f in r.findings:
+            g = GROUP_OF_LABEL.get(f.label)
+            if g and not any(x.group == g and M.iou(x.box, f.box) >= 0.3 for x in op.findings):
+                missed.append({"id": r.id, "label": f.label, "box": [round(v) for v in f.box]})
+    return {
+        "normals_highest_score": [{"id": i, "score": round(s, 3)} for s, i in normals],
+        "missed_at_operating_point": missed,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

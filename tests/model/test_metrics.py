@@ -1,0 +1,58 @@
+"""Lesion metrics on hand-made cases with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from models.training import metrics as M
+
+LESIONS = {0: [(0.0, 0.0, 10.0, 10.0)], 1: [(50.0, 50.0, 60.0, 60.0)], 2: []}
+
+
+def test_froc_counts_hits_and_false_positives_per_image() -> None:
+    """One hit at top score, then one false positive, then the second hit."""
+    dets = [
+        M.Detection(image=0, box=(0, 0, 10, 10), score=0.9),
+        M.Detection(image=2, box=(0, 0, 5, 5), score=0.8),
+        M.Detection(image=1, box=(51, 51, 60, 60), score=0.7),
+    ]
+    out = M.froc(dets, LESIONS, n_images=3)
+    assert out["sensitivity_at_fp"] == {"0.25": 0.5, "0.5": 1.0, "1.0": 1.0, "2.0": 1.0}
+
+
+def test_ap50_penalises_ranking_a_false_positive_first() -> None:
+    """A false positive above both hits: interpolated precision is 2/3 at both recall steps."""
+    dets = [
+        M.Detection(image=2, box=(0, 0, 5, 5), score=0.95),
+        M.Detection(image=0, box=(0, 0, 10, 10), score=0.9),
+        M.Detection(image=1, box=(50, 50, 60, 60), score=0.7),
+    ]
+    assert math.isclose(M.average_precision(dets, LESIONS), 2 / 3)
+    assert math.isclose(M.average_precision(dets[1:], LESIONS), 1.0)
+
+
+def test_tied_scores_form_one_block() -> None:
+    """Equal scores cannot be separated by a threshold: the FROC has one point for them."""
+    dets = [M.Detection(image=i, box=(0, 0, 10, 10), score=1.0) for i in range(3)]
+    out = M.froc(dets, LESIONS, n_images=3)
+    assert out["curve"] == [(0.6667, 0.5, 1.0)]
+    assert out["sensitivity_at_fp"]["0.5"] == 0.0
+
+
+def test_hits_respect_the_iou_threshold() -> None:
+    """A box shifted by half its width hits at IoU 0.3 but not at 0.5."""
+    dets = [M.Detection(image=0, box=(3, 0, 13, 10), score=0.5)]
+    assert M.iou(dets[0].box, LESIONS[0][0]) == 70 / 130
+    assert M.hits(dets, LESIONS, 0.3) == 1
+    assert M.hits([M.Detection(image=0, box=(5, 0, 15, 10), score=0.5)], LESIONS, 0.5) == 0
+
+
+def test_auroc_and_dice() -> None:
+    """AUROC counts ties half; Dice of disjoint masks is 0 and of equal masks 1."""
+    scores = np.array([0.9, 0.5, 0.5, 0.1])
+    assert M.auroc(scores, np.array([True, True, False, False])) == 0.875
+    a = np.zeros((4, 4), dtype=bool)
+    a[:2] = True
+    assert M.dice(a, a) == 1.0 and M.dice(a, ~a) == 0.0

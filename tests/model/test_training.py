@@ -1,0 +1,66 @@
+"""The training code cannot rot: one step on a tiny generated batch, then the export path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="torch is a training-only extra (pip install -e .[train]); CI skips this"
+)
+
+from models.training.export import FILE, export_onnx, sha256_of, write_manifest  # noqa: E402
+from models.training.net import UNet  # noqa: E402
+from models.training.train import train_step  # noqa: E402
+
+SIZE = 64
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    """Two 64² images: a bright disc with its ellipse target, and an empty normal."""
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE]
+    disc = ((xs - 40) ** 2 + (ys - 24) ** 2 <= 64).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    images = rng.integers(60, 120, size=(2, SIZE, SIZE)).astype(np.uint8)
+    images[0][disc > 0] = 230
+    targets = np.zeros((2, 3, SIZE, SIZE), dtype=np.uint8)
+    targets[0, 1] = disc * 255
+    targets[:, 2, 8:56, 8:56] = 255
+    weights = np.full((2, 2, SIZE, SIZE), 255, dtype=np.uint8)
+    return {
+        "images": torch.from_numpy(images),
+        "targets": torch.from_numpy(targets),
+        "weights": torch.from_numpy(weights),
+        "has_lung": torch.tensor([True, False]),
+    }
+
+
+def test_one_training_step_changes_the_weights_and_the_loss_is_finite() -> None:
+    """A step with augmentation runs, returns a finite loss and moves the parameters."""
+    torch.manual_seed(0)
+    net = UNet(widths=(8, 16, 24, 32, 48))
+    before = [p.detach().clone() for p in net.parameters()]
+    optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loss = train_step(net, optimiser, _batch(), torch.Generator().manual_seed(1))
+    assert np.isfinite(loss) and loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+def test_export_matches_pytorch_and_manifest_describes_the_file(tmp_path: Path) -> None:
+    """The exported graph agrees with PyTorch and the manifest names its sha256 and shape."""
+    import onnx
+
+    net = UNet(widths=(8, 16, 24, 32, 48)).eval()
+    diff = export_onnx(net, tmp_path / FILE, SIZE)
+    assert diff <= 1e-4
+    graph = onnx.load(str(tmp_path / FILE))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, SIZE, SIZE]
+    write_manifest(tmp_path, size=SIZE, version="0.0.1", training={}, metrics={})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["sha256"] == sha256_of(tmp_path / FILE)
+    assert [c["name"] for c in manifest["channels"]] == ["spot", "shadow", "lung"]
