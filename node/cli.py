@@ -114,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_lazy("node.analyze"))
 
+    p = sub.add_parser(
+        "status",
+        help="queue depth, recent studies with outcome and latency, dead-letter deliveries",
+    )
+    _add_config(p)
+    p.add_argument("--limit", type=int, default=10, metavar="N", help="studies to list (10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_lazy("node.status_cmd"))
+
+    p = sub.add_parser("cleanup", help="remove spool and result files older than [retention]")
+    _add_config(p)
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--verbose", action="store_true", help="print every path removed")
+    p.set_defaults(handler=_lazy("node.retention"))
+
     return parser
 
 
