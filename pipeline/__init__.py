@@ -3,3 +3,21 @@
 Arrays in, findings out. Nothing here knows about networks or DICOM encoding; the
 import-linter contract in ``pyproject.toml`` keeps it that way.
 """
+
+from pipeline.analyse import analyse
+from pipeline.config import PipelineConfig
+from pipeline.model import LesionModel, Manifest, load_model
+from pipeline.result import AnalysisResult, Finding, SourceImage
+from pipeline.window import model_input
+
+__all__ = [
+    "AnalysisResult",
+    "Finding",
+    "LesionModel",
+    "Manifest",
+    "PipelineConfig",
+    "SourceImage",
+    "analyse",
+    "load_model",
+    "model_input",
+]

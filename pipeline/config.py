@@ -73,7 +73,7 @@ class WatershedConfig:
     merge_constraint: float = 0.02
     """S321: adjacent regions whose minima differ by less than this are merge candidates."""
     merge_threshold: float = 0.02
-    """S323–S324: merge two candidates when their shared boundary's median value lies within
+    """S323–S324: merge two candidates when their shared boundary's mean value lies within
     this of both regions' minima."""
 
     def __post_init__(self) -> None:

@@ -1,0 +1,112 @@
+"""S300: feature traversal — model evidence pooled over the watershed regions → initial marks.
+
+The model's per-pixel probabilities are pooled over the S311–S324 regions (each pixel's
+evidence = ``region_weight`` × its region's mean + the rest × its own probability), so marks
+follow anatomical boundaries rather than pixel noise. Initial anomaly marks are then cut from
+each finding channel: connected components above the channel's operating threshold
+(manifest), optionally re-cut at a fraction of each component's own peak
+(``peak_relative``), which separates touching lesions and keeps boxes tight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.config import CandidateConfig
+from pipeline.geometry import Box
+from pipeline.itk import connected_components
+from pipeline.model import Channel
+from pipeline.watershed import Regions
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+LabelArray = npt.NDArray[np.int32]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mark:
+    """A marked region at working resolution, for one finding channel of the model."""
+
+    channel: Channel
+    probability: float
+    mask: BoolArray = field(compare=False, repr=False)  # working shape
+    box: Box  # working pixels (row0, col0, row1, col1)
+
+    @property
+    def area_px(self) -> int:
+        return int(self.mask.sum())
+
+
+def pool_evidence(probabilities: FloatArray, regions: Regions, weight: float) -> FloatArray:
+    """S300: blend each pixel's probability with its watershed region's mean (C, H, W)."""
+    if weight == 0.0:
+        return probabilities
+    labels = regions.labels.ravel()
+    counts = np.maximum(np.bincount(labels, minlength=regions.count + 1), 1)
+    pooled = np.empty_like(probabilities)
+    for c in range(probabilities.shape[0]):
+        p = probabilities[c]
+        means = np.bincount(labels, weights=p.ravel(), minlength=regions.count + 1) / counts
+        region_mean = means.astype(np.float32)[regions.labels]
+        pooled[c] = weight * region_mean + (1.0 - weight) * p
+    return pooled
+
+
+def _components(labels: LabelArray, count: int, values: FloatArray) -> list[tuple[int, Box, float]]:
+    """(label, box, peak) of each labelled component, in one pass over the pixels."""
+    if count == 0:
+        return []
+    rows, cols = np.nonzero(labels)
+    lab = labels[rows, cols]
+    n = count + 1
+    rmin = np.full(n, labels.shape[0], dtype=np.int64)
+    cmin = np.full(n, labels.shape[1], dtype=np.int64)
+    rmax = np.full(n, -1, dtype=np.int64)
+    cmax = np.full(n, -1, dtype=np.int64)
+    peak = np.full(n, -np.inf)
+    np.minimum.at(rmin, lab, rows)
+    np.minimum.at(cmin, lab, cols)
+    np.maximum.at(rmax, lab, rows)
+    np.maximum.at(cmax, lab, cols)
+    np.maximum.at(peak, lab, values[rows, cols].astype(np.float64))
+    return [
+        (k, (int(rmin[k]), int(cmin[k]), int(rmax[k]) + 1, int(cmax[k]) + 1), float(peak[k]))
+        for k in range(1, n)
+        if rmax[k] >= 0
+    ]
+
+
+def channel_marks(evidence: FloatArray, channel: Channel, config: CandidateConfig) -> list[Mark]:
+    """S300: initial anomaly marks of one finding channel from its pooled evidence map."""
+    above = evidence >= channel.threshold
+    labels, count = connected_components(above)
+    if config.strategy == "peak_relative" and count:
+        comps = _components(labels, count, evidence)
+        cut = np.zeros(count + 1, dtype=np.float32)
+        for k, _, peak in comps:
+            cut[k] = max(channel.threshold, config.peak_fraction * peak)
+        above = above & (evidence >= cut[labels])
+        labels, count = connected_components(above)
+    marks = []
+    for k, (r0, c0, r1, c1), peak in _components(labels, count, evidence):
+        local = labels[r0:r1, c0:c1] == k
+        if int(local.sum()) < config.min_area_px:
+            continue
+        mask = np.zeros(evidence.shape, dtype=bool)
+        mask[r0:r1, c0:c1] = local
+        marks.append(
+            Mark(channel=channel, probability=min(peak, 1.0), mask=mask, box=(r0, c0, r1, c1))
+        )
+    return marks
+
+
+def initial_marks(
+    evidence: FloatArray, channels: tuple[Channel, ...], config: CandidateConfig
+) -> tuple[Mark, ...]:
+    """S300: the initial anomaly marks of every finding channel, most probable first."""
+    marks = [m for ch in channels for m in channel_marks(evidence[ch.index], ch, config)]
+    marks.sort(key=lambda m: m.probability, reverse=True)
+    return tuple(marks[: config.max_candidates])

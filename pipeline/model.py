@@ -1,0 +1,236 @@
+"""The lesion model (S300's "trained fully convolutional encoder–decoder") and its manifest.
+
+``load_model`` reads ``<model_dir>/manifest.json`` (contract in docs/architecture.md), checks
+the ONNX file's sha256 and the graph's input/output names and shapes against it, opens one
+onnxruntime session with the configured intra-op threads and runs it once on a blank image
+to prove the output shape. Anything missing or mismatched is a ``ModelError`` at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from pipeline.errors import ModelError
+from pipeline.result import FindingGroup, FindingType
+
+FloatArray = npt.NDArray[np.float32]
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Channel:
+    """One output channel of the model: a finding channel or the lung field."""
+
+    index: int
+    name: str
+    kind: str  # "finding" | "lung" | anything else (ignored)
+    group: FindingGroup | None = None
+    finding_type: FindingType | None = None
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """``models/manifest.json``: everything the pipeline needs to know about the model."""
+
+    name: str
+    version: str
+    file: str
+    sha256: str
+    input_name: str
+    height: int
+    width: int
+    low_percentile: float
+    high_percentile: float
+    output_name: str
+    channels: tuple[Channel, ...]
+    alert_grade: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def working_shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def finding_channels(self) -> tuple[Channel, ...]:
+        return tuple(c for c in self.channels if c.kind == "finding")
+
+    @property
+    def lung_channel(self) -> Channel | None:
+        return next((c for c in self.channels if c.kind == "lung"), None)
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise ModelError(f"manifest: missing {where}{key}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ModelError(f"manifest: {where}{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _channel(i: int, raw: object, thresholds: dict[str, Any]) -> Channel:
+    if not isinstance(raw, dict):
+        raise ModelError(f"manifest: channels[{i}] must be an object")
+    name = _get(raw, "name", str, f"channels[{i}].")
+    kind = _get(raw, "kind", str, f"channels[{i}].")
+    if kind != "finding":
+        return Channel(index=i, name=name, kind=kind)
+    try:
+        group = FindingGroup(_get(raw, "group", str, f"channels[{i}]."))
+        finding_type = FindingType(_get(raw, "finding_type", str, f"channels[{i}]."))
+    except ValueError as exc:
+        raise ModelError(f"manifest: channels[{i}]: {exc}") from exc
+    threshold = thresholds.get(name, 0.5)
+    if not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
+        raise ModelError(f"manifest: operating_point.thresholds.{name} must be in (0, 1)")
+    return Channel(
+        index=i,
+        name=name,
+        kind=kind,
+        group=group,
+        finding_type=finding_type,
+        threshold=float(threshold),
+    )
+
+
+def parse_manifest(raw: dict[str, Any]) -> Manifest:
+    """Validate the manifest's structure (not yet the ONNX file) and build a ``Manifest``."""
+    inp = _get(raw, "input", dict, "")
+    out = _get(raw, "output", dict, "")
+    window = _get(inp, "window", dict, "input.")
+    op = raw.get("operating_point", {})
+    thresholds = op.get("thresholds", {}) if isinstance(op, dict) else {}
+    channels = tuple(
+        _channel(i, c, thresholds) for i, c in enumerate(_get(raw, "channels", list, ""))
+    )
+    if not any(c.kind == "finding" for c in channels):
+        raise ModelError("manifest: no channel of kind 'finding'")
+    low = float(_get(window, "low_percentile", (int, float), "input.window."))
+    high = float(_get(window, "high_percentile", (int, float), "input.window."))
+    if not 0.0 <= low < high <= 100.0:
+        raise ModelError("manifest: input.window percentiles must satisfy 0 ≤ low < high ≤ 100")
+    height = _get(inp, "height", int, "input.")
+    width = _get(inp, "width", int, "input.")
+    if height < 16 or width < 16:
+        raise ModelError("manifest: input height and width must be at least 16")
+    alert = op.get("alert_grade") if isinstance(op, dict) else None
+    return Manifest(
+        name=_get(raw, "name", str, ""),
+        version=_get(raw, "version", str, ""),
+        file=_get(raw, "file", str, ""),
+        sha256=_get(raw, "sha256", str, "").lower(),
+        input_name=_get(inp, "name", str, "input."),
+        height=height,
+        width=width,
+        low_percentile=low,
+        high_percentile=high,
+        output_name=_get(out, "name", str, "output."),
+        channels=channels,
+        alert_grade=alert if isinstance(alert, int) else None,
+        raw=raw,
+    )
+
+
+class LesionModel:
+    """A loaded, verified model: ``predict`` maps (N, H, W) [0, 1] images to (N, C, H, W)."""
+
+    def __init__(self, manifest: Manifest, session: ort.InferenceSession) -> None:
+        self.manifest = manifest
+        self._session = session
+        batch = session.get_inputs()[0].shape[0]
+        self._max_batch = batch if isinstance(batch, int) else None
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def predict(self, images: FloatArray) -> FloatArray:
+        """Run the model on a batch of working-size images (N, H, W) in [0, 1]."""
+        if images.ndim != 3 or images.shape[1:] != self.manifest.working_shape:
+            raise ModelError(
+                f"model input must be (N, {self.manifest.height}, {self.manifest.width}), "
+                f"got {images.shape}"
+            )
+        step = self._max_batch or images.shape[0]
+        parts = [self._run(images[i : i + step]) for i in range(0, images.shape[0], step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def _run(self, batch: FloatArray) -> FloatArray:
+        feed = {self.manifest.input_name: np.ascontiguousarray(batch[:, None], dtype=np.float32)}
+        out = self._session.run([self.manifest.output_name], feed)[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_dims(what: str, dims: list[Any], expected: list[int | None]) -> None:
+    if len(dims) != len(expected):
+        raise ModelError(f"model {what} has rank {len(dims)}, expected {len(expected)}")
+    for got, want in zip(dims, expected, strict=True):
+        if want is not None and isinstance(got, int) and got != want:
+            raise ModelError(f"model {what} shape {dims} does not match the manifest {expected}")
+
+
+def _open_session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped exception classes
+        raise ModelError(f"cannot load {path}: {exc}") from exc
+
+
+def load_model(model_dir: Path, *, threads: int = 2) -> LesionModel:
+    """Load and verify the model described by ``<model_dir>/manifest.json``."""
+    manifest_path = model_dir / MANIFEST
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"no model manifest at {manifest_path}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {manifest_path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelError(f"{manifest_path} must hold a JSON object")
+    manifest = parse_manifest(raw)
+    onnx_path = model_dir / manifest.file
+    if not onnx_path.is_file():
+        raise ModelError(f"the model file {onnx_path} named by the manifest does not exist")
+    if _sha256(onnx_path) != manifest.sha256:
+        raise ModelError(f"{onnx_path} does not match the manifest's sha256")
+    session = _open_session(onnx_path, threads)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [manifest.input_name]:
+        raise ModelError(f"model inputs {[i.name for i in inputs]} ≠ [{manifest.input_name!r}]")
+    if manifest.output_name not in [o.name for o in outputs]:
+        raise ModelError(f"model has no output named {manifest.output_name!r}")
+    _check_dims("input", list(inputs[0].shape), [None, 1, manifest.height, manifest.width])
+    model = LesionModel(manifest, session)
+    probe = model.predict(np.zeros((1, *manifest.working_shape), dtype=np.float32))
+    expected = (1, len(manifest.channels), manifest.height, manifest.width)
+    if probe.shape != expected:
+        raise ModelError(f"model output shape {probe.shape} ≠ {expected} from the manifest")
+    return model

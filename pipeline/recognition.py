@@ -1,0 +1,161 @@
+"""S600: final recognition on the enhanced image → findings in the input's pixel grid.
+
+Each fused region is re-scored on the locally enhanced image (one more model run on the
+enhanced image at working size; the region's score is the peak of its channel inside it) and
+that score is averaged with the region's S300/S333 probability. A region becomes a finding
+when the result reaches its channel's operating threshold (manifest) and enough of it lies in
+the lung field. Overlapping findings (IoU > 0.5) keep only the most probable one. Each
+finding's mask is brought to full resolution; its outer contour, box, area, side, zone,
+type (spots: nodule/mass by size) and grade (S710–S742) are attached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.config import PipelineConfig
+from pipeline.enhancement import MarkSource, Region
+from pipeline.geometry import Box, grow, simplify_chain, trace_outer_contour
+from pipeline.grading import grade
+from pipeline.itk import connected_components
+from pipeline.lung import LungField, in_lung_fraction, side_and_zone
+from pipeline.result import Finding, FindingGroup, FindingType
+from pipeline.window import Preprocessed, resize
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+_NMS_IOU = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recognised:
+    """A region that survived S600, with its final probability."""
+
+    region: Region
+    probability: float
+    mask: BoolArray = field(compare=False, repr=False)
+
+
+def rescore(regions: tuple[Region, ...], enhanced_probabilities: FloatArray | None) -> list[float]:
+    """S600: each region's probability after recognition on the enhanced image."""
+    scores = []
+    for r in regions:
+        p = r.probability
+        if enhanced_probabilities is not None:
+            p = (p + float(enhanced_probabilities[r.channel.index][r.mask].max())) / 2.0
+            if r.source is MarkSource.BOTH:
+                p = max(p, r.probability)  # confirmation by both branches is not undone
+        scores.append(float(np.clip(p, 0.0, 1.0)))
+    return scores
+
+
+def _iou(a: BoolArray, b: BoolArray) -> float:
+    union = int((a | b).sum())
+    return float((a & b).sum()) / union if union else 0.0
+
+
+def select(
+    regions: tuple[Region, ...], scores: list[float], lungs: LungField, config: PipelineConfig
+) -> list[Recognised]:
+    """S600: keep regions over their threshold and in the lung field; suppress overlaps."""
+    keep: list[Recognised] = []
+    restrict = lungs.found
+    for i in np.argsort(scores, kind="stable")[::-1].tolist():
+        r, p = regions[i], scores[i]
+        if p < r.channel.threshold:
+            continue
+        if restrict and in_lung_fraction(r.mask, lungs) < config.recognition.lung_min_overlap:
+            continue
+        if any(_iou(r.mask, k.mask) > _NMS_IOU for k in keep):
+            continue
+        keep.append(Recognised(region=r, probability=p, mask=r.mask))
+    return keep
+
+
+def full_resolution_mask(mask: BoolArray, pre: Preprocessed) -> tuple[BoolArray, Box] | None:
+    """The working-resolution mask in the input grid (linear upsampling, cut at 0.5)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    wr0, wc0, wr1, wc1 = grow(
+        (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1), 1, mask.shape
+    )
+    sr, sc = pre.scale
+    r0, c0 = round(wr0 * sr), round(wc0 * sc)
+    r1, c1 = min(pre.input_shape[0], round(wr1 * sr)), min(pre.input_shape[1], round(wc1 * sc))
+    up = resize(mask[wr0:wr1, wc0:wc1].astype(np.float32), (r1 - r0, c1 - c0)) >= 0.5
+    if not up.any():  # a sliver thinner than the upsampling: keep its nearest pixels
+        up = resize(mask[wr0:wr1, wc0:wc1].astype(np.float32), (r1 - r0, c1 - c0)) > 0.0
+    labels, count = connected_components(up)
+    if count > 1:  # keep the largest piece so that mask, box and contour agree
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        up = labels == int(np.argmax(sizes))
+    full = np.zeros(pre.input_shape, dtype=bool)
+    full[r0:r1, c0:c1] = up
+    ys = np.flatnonzero(up.any(axis=1))
+    xs = np.flatnonzero(up.any(axis=0))
+    box = (c0 + int(xs[0]), r0 + int(ys[0]), c0 + int(xs[-1]) + 1, r0 + int(ys[-1]) + 1)
+    return full, box
+
+
+def outer_contour(full: BoolArray, box: Box) -> tuple[tuple[float, float], ...]:
+    """(x, y) pixel-centre vertices of the mask's outer contour (at least 3 vertices)."""
+    x0, y0, x1, y1 = box
+    chain = simplify_chain(trace_outer_contour(full[y0:y1, x0:x1]))
+    if len(chain) < 3:  # a pixel or a line: the outline of its box
+        return (
+            (x0 - 0.5, y0 - 0.5),
+            (x1 - 0.5, y0 - 0.5),
+            (x1 - 0.5, y1 - 0.5),
+            (x0 - 0.5, y1 - 0.5),
+        )
+    return tuple((float(x0 + c), float(y0 + r)) for r, c in chain)
+
+
+def finding_type_of(channel_type: FindingType, diameter_mm: float, mass_mm: float) -> FindingType:
+    """Spots are nodules up to ``mass_mm`` and masses above; other types are the channel's."""
+    if channel_type.group is FindingGroup.SPOT:
+        return FindingType.MASS if diameter_mm > mass_mm else FindingType.NODULE
+    return channel_type
+
+
+def make_finding(
+    rec: Recognised, pre: Preprocessed, lungs: LungField, config: PipelineConfig
+) -> Finding | None:
+    """S600 + S710–S742: one graded, coloured finding in the input grid."""
+    up = full_resolution_mask(rec.mask, pre)
+    if up is None:
+        return None
+    full, box = up
+    area_px = int(full.sum())
+    spacing = pre.spacing_mm
+    if spacing is not None:
+        size_mm2 = area_px * spacing[0] * spacing[1]
+        area_mm2: float | None = size_mm2
+    else:
+        mm = config.grading.fallback_field_width_mm / pre.input_shape[1]
+        area_mm2, size_mm2 = None, area_px * mm * mm
+    diameter = 2.0 * float(np.sqrt(size_mm2 / np.pi))
+    channel_type = rec.region.channel.finding_type or FindingType.OPACITY
+    finding_type = finding_type_of(channel_type, diameter, config.grading.mass_diameter_mm)
+    graded = grade(finding_type, rec.probability, diameter, config.grading, config.alert_grade)
+    side, zone = side_and_zone(rec.mask, lungs)
+    return Finding(
+        finding_type=finding_type,
+        probability=rec.probability,
+        grade=graded.grade,
+        colour=graded.colour,
+        alert=graded.alert,
+        box=box,
+        contour=outer_contour(full, box),
+        area_mm2=area_mm2,
+        side=side,
+        zone=zone,
+        mask=full,
+    )
