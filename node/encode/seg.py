@@ -14,7 +14,6 @@ are therefore set on the built object, and only for sources without a Frame of R
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import highdicom as hd
@@ -86,7 +85,8 @@ def build_seg(
     )
     try:
         seg = hd.seg.Segmentation(
-            source_images=[_usable_source(source)],
+            source_images=[source],
+            pixel_measures=pixel_measures(source),
             pixel_array=_pixel_array(result, segmentation_type),
             segmentation_type=seg_type,
             segment_descriptions=[
@@ -113,16 +113,28 @@ def build_seg(
     return seg
 
 
-def _usable_source(source: Dataset) -> Dataset:
-    """The source as highdicom should see it: a Pixel Spacing with a zero or negative value
-    (some CR writers put 0\\0 for "uncalibrated") would be copied into the SEG's Pixel
-    Measures, where it is an error; without it the SEG simply has no pixel measures."""
-    spacing = source.get("PixelSpacing", None)
-    if spacing is None or (len(spacing) == 2 and min(float(v) for v in spacing) > 0):
-        return source
-    cleaned = copy.copy(source)
-    del cleaned.PixelSpacing
-    return cleaned
+def _valid_spacing(value: object) -> tuple[float, float] | None:
+    try:
+        row, col = (float(v) for v in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
+
+
+def pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence:
+    """Pixel Measures of the SEG, given to highdicom as an argument.
+
+    OHIF's SEG loader reads them and fails without them, so they are always written: the
+    source's Pixel Spacing when it is valid, else its Imager Pixel Spacing, else 1 mm — the
+    nominal spacing viewers assume for an uncalibrated image (some CR writers put 0\\0 in
+    Pixel Spacing, which copied into the SEG would be an error). A radiograph has no slice
+    thickness, so none is written."""
+    spacing = (
+        _valid_spacing(source.get("PixelSpacing"))
+        or _valid_spacing(source.get("ImagerPixelSpacing"))
+        or (1.0, 1.0)
+    )
+    return hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=None)
 
 
 def _add_projection_geometry(seg: hd.seg.Segmentation, source: Dataset) -> None:
