@@ -141,7 +141,6 @@ def _upsample(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArra
 def pipeline_engine(model_dir: Path) -> Engine:
     """The real pipeline (``pipeline.analyse``) with the model in ``model_dir``."""
     from pipeline.analyse import Analyser  # type: ignore[import-not-found]
-
     from pipeline.config import PipelineConfig
     from pipeline.result import SourceImage
 
@@ -372,6 +371,68 @@ def _table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+NORMAL_SHARE_PER_CHANNEL = 0.07
+THRESHOLD_GRID = tuple(round(0.2 + 0.025 * i, 3) for i in range(31))
+
+
+def choose_operating_point(
+    records: Sequence[Record], model_dir: Path, data_dir: Path
+) -> dict[str, float]:
+    """Per finding channel, the lowest grid threshold at which at most
+    ``NORMAL_SHARE_PER_CHANNEL`` of the normal studies have a finding of that channel
+    (a component exists iff the channel's peak reaches the threshold), from the network."""
+    engine = NetworkEngine(model_dir, {}, 0.0)
+    normals = [r for r in records if r.normal]
+    if not normals:
+        raise SystemExit("no normal studies in this split: cannot choose an operating point")
+    peaks = np.array(
+        [
+            engine.probabilities(load_grey(data_dir / "images" / f"{r.id}.png")).max(axis=(1, 2))
+            for r in normals
+        ]
+    )
+    chosen = {}
+    for c, spec in enumerate(engine.manifest["channels"]):
+        if spec["kind"] != "finding":
+            continue
+        ok = [t for t in THRESHOLD_GRID if (peaks[:, c] >= t).mean() <= NORMAL_SHARE_PER_CHANNEL]
+        chosen[spec["name"]] = ok[0] if ok else THRESHOLD_GRID[-1]
+    return chosen
+
+
+def _update_manifest(model_dir: Path, **sections: Any) -> None:
+    path = model_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(sections)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures worth keeping in the manifest."""
+    m = summary["model"]
+    out: dict[str, Any] = {
+        "split": summary["split"],
+        "engine": summary["engine"],
+        "images": m["images"],
+    }
+    for g, row in m["groups"].items():
+        out[g] = {k: row[k] for k in ("ap50", "hits_iou30", "hits_iou50") if k in row}
+        out[g]["froc_sensitivity_at_fp"] = row["froc"]["sensitivity_at_fp"]
+        out[g]["lesions"] = row["froc"]["lesions"]
+        if "tbx11k_ap50" in row:
+            out[g]["tbx11k_ap50"] = row["tbx11k_ap50"]
+    for k in (
+        "image_auroc",
+        "image_auroc_nih",
+        "normal_with_finding",
+        "normal_with_alert",
+        "fp_per_normal_image",
+        "dice",
+    ):
+        out[k] = m.get(k)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data_dir", type=Path)
@@ -387,6 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         help="network engine: cut each component to ≥ this share of its peak",
     )
     parser.add_argument("--limit", type=int, default=0, help="first N images only (smoke runs)")
+    parser.add_argument(
+        "--choose-operating-point",
+        action="store_true",
+        help="pick thresholds on this split's normals and write them to the manifest",
+    )
+    parser.add_argument(
+        "--write-metrics",
+        action="store_true",
+        help="write the headline figures into the manifest's metrics",
+    )
     args = parser.parse_args(argv)
 
     records = read_records(args.data_dir)
@@ -394,6 +465,17 @@ def main(argv: list[str] | None = None) -> int:
         records = split_by_patient(records)[args.split]
     if args.limit:
         records = records[: args.limit]
+    if args.choose_operating_point:
+        chosen = choose_operating_point(records, args.model_dir, args.data_dir)
+        op = json.loads((args.model_dir / "manifest.json").read_text())["operating_point"]
+        op["thresholds"] = chosen
+        op["rule"] = (
+            f"per channel, the lowest threshold in 0.2..0.95 (step 0.025) with at most "
+            f"{NORMAL_SHARE_PER_CHANNEL:.0%} of the normal studies of the "
+            f"{args.split} split having a finding of that channel (network peaks)"
+        )
+        _update_manifest(args.model_dir, operating_point=op)
+        print(f"operating point: {chosen}")
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     op_thresholds = manifest["operating_point"]["thresholds"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -432,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_froc(summary, args.out / "froc.png")
+    if args.write_metrics:
+        metrics = json.loads((args.model_dir / "manifest.json").read_text()).get("metrics", {})
+        metrics["validation"] = _headline(summary)
+        metrics["baseline_four_quadrants"] = {
+            g: {"ap50": row["ap50"], "froc_sensitivity_at_fp": row["froc"]["sensitivity_at_fp"]}
+            for g, row in summary["baseline"]["groups"].items()
+        }
+        _update_manifest(args.model_dir, metrics=metrics)
     print(_table(summary))
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'froc.png'}")
     return 0

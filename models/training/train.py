@@ -141,6 +141,15 @@ def _lr(base: float, step: int, elapsed: float, budget: float) -> float:
     return base * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def write_compact_checkpoint(last: Path, out: Path) -> Path:
+    """Weights of ``last.pt`` in float16 plus the run state (no optimiser moments): small
+    enough to commit; ``--init`` starts a run from it."""
+    ckpt = torch.load(last, weights_only=False)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save({"model": weights, "state": ckpt["state"], "args": ckpt.get("args", {})}, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -154,7 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=REPO / "models" / "training" / "runs")
     parser.add_argument("--cache-dir", type=Path, default=REPO / "models" / "training" / "cache")
     parser.add_argument("--model-dir", type=Path, default=REPO / "models")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from a compact checkpoint (fresh optimiser) when the run "
+        "has no last.pt, e.g. models/training/checkpoint.pt",
+    )
+    parser.add_argument(
+        "--write-checkpoint",
+        type=Path,
+        default=None,
+        help="write the run's last.pt as a compact checkpoint to this path, exit",
+    )
     args = parser.parse_args(argv)
+    if args.write_checkpoint is not None:
+        write_compact_checkpoint(args.runs_dir / args.run / "last.pt", args.write_checkpoint)
+        return 0
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -181,6 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         state = ckpt["state"]
         print(
             f"resumed {last} at epoch {state['epoch']}, {state['elapsed_s'] / 60:.1f} min",
+            flush=True,
+        )
+    elif args.init is not None:
+        ckpt = torch.load(args.init, weights_only=False)
+        net.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        )
+        state = ckpt["state"]
+        print(
+            f"initialised from {args.init} at epoch {state['epoch']}, "
+            f"{state['elapsed_s'] / 60:.1f} min (fresh optimiser)",
             flush=True,
         )
     print(
