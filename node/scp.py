@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import ssl
 import threading
 import time
 import uuid
@@ -25,11 +24,13 @@ from pydicom import uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 
+from node import metrics
 from node.config import Config
 from node.dimse import VERIFICATION_SOP_CLASS, RejectReason, RejectResult, RejectSource, Status
 from node.errors import IngestError
 from node.queue import Queue
 from node.spool import Spool, inspect
+from node.tls import server_context
 
 _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-PDU narration; we log one line per event
 
@@ -61,6 +62,13 @@ TRANSFER_SYNTAXES: tuple[uid.UID, ...] = (
 """Every transfer syntax pydicom decodes with pylibjpeg (+ -libjpeg, -openjpeg, -rle)."""
 
 log = structlog.stdlib.get_logger("node.scp")
+
+_REJECT_REASON = {
+    Status.OUT_OF_RESOURCES: "disk_full",
+    Status.CANNOT_UNDERSTAND: "unparseable",
+    Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "header",
+}
+"""The ``reason`` label of ``shadowspot_instances_rejected`` for each refusal status."""
 
 
 def _addresses(host: str) -> frozenset[str]:
@@ -121,20 +129,6 @@ class CallerPolicy:
         return None
 
 
-def _server_ssl_context(config: Config) -> ssl.SSLContext | None:
-    tls = config.tls
-    if not tls.enabled:
-        return None
-    assert tls.certificate is not None and tls.private_key is not None  # checked by TLSConfig
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.certificate, tls.private_key)
-    if tls.ca_certificates is not None:
-        context.load_verify_locations(tls.ca_certificates)
-    if tls.require_client_certificate:
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 class StorageSCP:
     """The listening AE. ``start()`` binds and returns at once; ``stop()`` drains and closes."""
 
@@ -183,7 +177,7 @@ class StorageSCP:
             (node.host, node.port),
             block=False,
             evt_handlers=handlers,
-            ssl_context=_server_ssl_context(self._config),
+            ssl_context=server_context(self._config),
         )
         host, port = self._server.server_address[:2]
         return str(host), int(port)
@@ -233,6 +227,7 @@ class StorageSCP:
         if reason is None:
             return
         log.warning("association_rejected", reason=reason.name.lower(), called_ae=called_ae)
+        metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
         event.assoc.acse.send_reject(
             RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER, reason
         )
@@ -245,12 +240,16 @@ class StorageSCP:
             peer=f"{requestor.address}:{requestor.port}",
         )
         log.info("association_established")
+        metrics.ASSOCIATIONS.labels(outcome="accepted").inc()
 
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association_refused_by_limit", max_associations=self.ae.maximum_associations)
+        metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
 
     def _on_ended(self, event: evt.Event, how: str) -> None:
         log.info(f"association_{how}")
+        if how == "aborted":
+            metrics.ASSOCIATIONS.labels(outcome="aborted").inc()
         structlog.contextvars.clear_contextvars()
 
     def _on_c_echo(self, event: evt.Event) -> int:
@@ -270,7 +269,9 @@ class StorageSCP:
             with structlog.contextvars.bound_contextvars(sop_instance_uid=sop_instance):
                 return int(self._store(event))
         except Exception:  # the one catch-all of intake: answer a failure, keep serving
-            log.exception("instance_failed", sop_instance_uid=sop_instance)
+            log.exception("instance_failed")
+            metrics.INSTANCES_REJECTED.labels(reason="error").inc()
+            metrics.record_error("instance_failed")
             return int(Status.PROCESSING_FAILURE)
         finally:
             with self._lock:
@@ -300,7 +301,11 @@ class StorageSCP:
             return self._refuse(event, data, exc, sop_class, sop_instance)
         except OSError as exc:
             log.error("instance_refused", reason=f"cannot write: {exc.strerror}")
+            metrics.INSTANCES_REJECTED.labels(reason="spool_error").inc()
+            metrics.record_error("instance_refused")
             return Status.OUT_OF_RESOURCES
+        if added:
+            metrics.INSTANCES_RECEIVED.inc()
         log.info(
             "instance_spooled" if added else "instance_duplicate",
             study_instance_uid=header.study_instance_uid,
@@ -316,6 +321,7 @@ class StorageSCP:
     ) -> Status:
         status = Status(exc.status)
         fields: dict[str, Any] = {"status": f"0x{status.value:04X}", "reason": str(exc)}
+        metrics.INSTANCES_REJECTED.labels(reason=_REJECT_REASON.get(status, "header")).inc()
         if status is Status.OUT_OF_RESOURCES:
             log.error("instance_refused", **fields)
             return status

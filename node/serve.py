@@ -19,7 +19,7 @@ from types import FrameType
 import pydicom
 import structlog
 
-from node import __version__
+from node import __version__, health
 from node.config import Config
 from node.errors import IngestError
 from node.logs import configure_logging
@@ -53,6 +53,8 @@ class Node:
         self.queue = Queue(storage, study_quiet_seconds=config.node.study_quiet_seconds)
         self.spool = Spool(storage, min_free_bytes=int(config.node.min_free_mb * 1_000_000))
         self.hooks = hooks
+        self.port: int | None = None
+        """The bound port, once started."""
         self.scp = StorageSCP(config, spool=self.spool, queue=self.queue)
         self._stop = threading.Event()
         self.workers = [
@@ -76,8 +78,8 @@ class Node:
         )
         for worker in self.workers:
             worker.start()
-        _, port = self.scp.start()
-        return port
+        _, self.port = self.scp.start()
+        return self.port
 
     def adopt_orphans(self) -> int:
         """Record spooled files that a crash left between rename and database commit."""
@@ -127,6 +129,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     if not config.callers:
         log.warning("callers_unrestricted", detail="no [[callers]] listed: any AE may send")
+    http = health.start(config)
     node = Node(config, hooks=load_pipeline_hooks(config))
     port = node.start()
     log.info(
@@ -144,6 +147,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         pass
     started = time.monotonic()
     node.stop()
+    if http is not None:
+        http.shutdown()
     log.info("node_stopped", ms=round((time.monotonic() - started) * 1000, 1))
     return 0
 

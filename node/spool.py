@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from node.dimse import Status
@@ -34,6 +36,7 @@ from node.queue import InstanceHeader
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PIXEL_DATA = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def fsync_dir(path: Path) -> None:
@@ -74,6 +77,37 @@ def _check_uid(value: str, keyword: str) -> str:
     return value
 
 
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    OSError,  # pydicom: "No tag to read at file position ..."
+    struct.error,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    TypeError,
+    NotImplementedError,
+    OverflowError,
+)
+"""What pydicom raises on malformed input (translated to Cannot Understand at this boundary)."""
+
+
+def _truncated_element(ds: pydicom.Dataset) -> str | None:
+    """The tag of a top-level element whose value is shorter than its declared length.
+
+    pydicom reads a cut-off stream without complaint, leaving the last value short; a dataset
+    truncated in transit (or garbage after the file meta) shows up here.
+    """
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is not None:
+            declared = raw.length
+            if declared != _UNDEFINED_LENGTH and len(raw.value) < declared:
+                return str(tag)
+    return None
+
+
 def inspect(data: bytes, *, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
     """Parse an encoded instance fully and check it is an image we can keep.
 
@@ -83,14 +117,19 @@ def inspect(data: bytes, *, sop_class_uid: str, sop_instance_uid: str) -> Instan
     """
     try:
         ds = pydicom.dcmread(BytesIO(data), force=False)
+        truncated = _truncated_element(ds)
         for element in ds.iterall():  # convert every value now: a bad one fails here, not later
             _ = element.value
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+    except _PARSE_ERRORS as exc:
         raise IngestError(
             f"cannot parse the dataset ({type(exc).__name__}: {exc})",
             status=Status.CANNOT_UNDERSTAND,
         ) from exc
+    if truncated is not None:
+        raise IngestError(
+            f"the dataset is truncated in element {truncated}", status=Status.CANNOT_UNDERSTAND
+        )
     if _PIXEL_DATA not in ds or not ds[_PIXEL_DATA].value:
         raise IngestError(
             "the dataset has no Pixel Data", status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -150,7 +189,10 @@ class Spool:
             )
 
     def path_for(self, header: InstanceHeader) -> Path:
-        return self.root / header.study_instance_uid / f"{header.sop_instance_uid}.dcm"
+        return self.path_for_uids(header.study_instance_uid, header.sop_instance_uid)
+
+    def path_for_uids(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
+        return self.root / study_instance_uid / f"{sop_instance_uid}.dcm"
 
     def write(self, data: bytes, header: InstanceHeader) -> Path:
         """Store ``data`` durably at its spool path and return the path."""

@@ -24,6 +24,7 @@ from typing import Protocol
 import structlog
 from pydicom import Dataset, uid
 
+from node import metrics
 from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
 from pipeline.errors import InputImageError, ModelError
 from pipeline.result import AnalysisResult
@@ -173,13 +174,16 @@ class Worker(threading.Thread):
         if self._hooks is None:
             return "no pipeline in this process (node.analysis / node.results not available)"
         try:
-            dataset, result = self._hooks.analyse_file(instance.path)
+            with metrics.PIPELINE_SECONDS.time():
+                dataset, result = self._hooks.analyse_file(instance.path)
             self._hooks.publish(dataset=dataset, result=result, job=job, instance=instance)
         except ModelError as exc:
             log.error("pipeline_unavailable", error=type(exc).__name__)
+            metrics.record_error("pipeline_unavailable")
             return f"model unavailable: {exc}"
         except Exception as exc:  # part of the worker loop: record the failure, go on
             failure = f"{type(exc).__name__}: {exc}"
+            metrics.record_error("instance_failed")
             self._queue.finish_instance(instance.sop_instance_uid, InstanceState.FAILED, failure)
             if isinstance(exc, InputImageError):
                 log.warning("instance_failed", error=type(exc).__name__)
