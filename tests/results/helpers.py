@@ -217,10 +217,11 @@ class Orthanc:
             "Plugins": [],
             "HttpTimeout": 10,
         }
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config), encoding="utf-8")
-        log = (self.folder / "orthanc.log").open("ab")
-        self.process = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=log)
+        with (self.folder / "orthanc.log").open("ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
