@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationServer
 
 from node.config import Config, NodeSection, TLSConfig
 from node.errors import ConfigError
+from node.queue import Queue
+from node.scp import StorageSCP
+from node.spool import Spool
 from node.tls import client_context, server_context
 from tests.ops.pki import Pair, issue, make_ca
 
@@ -47,26 +49,24 @@ def _config(pki: dict[str, Pair], tmp_path: Path, *, require_client: bool = True
 
 
 @pytest.fixture
-def scp(pki: dict[str, Pair], tmp_path: Path) -> Iterator[AssociationServer]:
-    """A Verification SCP listening with the node's server TLS context."""
-    ae = AE(ae_title="SHADOWSPOT")
-    ae.add_supported_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, ssl_context=server_context(_config(pki, tmp_path))
-    )
+def scp(pki: dict[str, Pair], tmp_path: Path) -> Iterator[int]:
+    """The node's own Storage SCP with DICOM TLS on, requiring client certificates; its port."""
+    config = _config(pki, tmp_path)
+    queue = Queue(config.node.storage, study_quiet_seconds=60.0)
+    node = StorageSCP(config, spool=Spool(config.node.storage, min_free_bytes=0), queue=queue)
+    _, port = node.start()
     try:
-        yield server
+        yield port
     finally:
-        server.shutdown()
+        node.stop(grace_seconds=1.0)
+        queue.close()
 
 
-def _echo(server: AssociationServer, context: ssl.SSLContext | None) -> bool:
+def _echo(port: int, context: ssl.SSLContext | None) -> bool:
     """True when an association (and a C-ECHO over it) succeeds."""
     ae = AE(ae_title="MODALITY1")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    port = server.server_address[1]
     tls_args = (context, "127.0.0.1") if context is not None else None
     assoc = ae.associate("127.0.0.1", port, ae_title="SHADOWSPOT", tls_args=tls_args)
     if not assoc.is_established:
@@ -94,34 +94,32 @@ def _client(pki: dict[str, Pair], tmp_path: Path, who: str | None) -> ssl.SSLCon
 
 
 def test_trusted_client_certificate_associates(
-    scp: AssociationServer, pki: dict[str, Pair], tmp_path: Path
+    scp: int, pki: dict[str, Pair], tmp_path: Path
 ) -> None:
     """A client whose certificate the hospital CA signed associates and gets C-ECHO success."""
     assert _echo(scp, _client(pki, tmp_path, "client"))
 
 
 def test_untrusted_client_certificate_is_refused(
-    scp: AssociationServer, pki: dict[str, Pair], tmp_path: Path
+    scp: int, pki: dict[str, Pair], tmp_path: Path
 ) -> None:
     """A client certificate from another CA fails the handshake: no association."""
     assert not _echo(scp, _client(pki, tmp_path, "rogue"))
 
 
 def test_client_without_certificate_is_refused(
-    scp: AssociationServer, pki: dict[str, Pair], tmp_path: Path
+    scp: int, pki: dict[str, Pair], tmp_path: Path
 ) -> None:
     """With require_client_certificate, a client presenting no certificate is refused."""
     assert not _echo(scp, _client(pki, tmp_path, None))
 
 
-def test_plain_tcp_client_is_refused(scp: AssociationServer) -> None:
+def test_plain_tcp_client_is_refused(scp: int) -> None:
     """A client speaking plain DICOM (no TLS) to the TLS port does not get an association."""
     assert not _echo(scp, None)
 
 
-def test_tls_1_1_client_is_refused(
-    scp: AssociationServer, pki: dict[str, Pair], tmp_path: Path
-) -> None:
+def test_tls_1_1_client_is_refused(scp: int, pki: dict[str, Pair], tmp_path: Path) -> None:
     """The DICOM TLS profile needs TLS 1.2 or newer: a TLS 1.1-only client is refused."""
     context = _client(pki, tmp_path, "client")
     with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
@@ -151,7 +149,7 @@ def test_client_refuses_server_with_untrusted_certificate(
     )
     server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=server_context(rogue))
     try:
-        assert not _echo(server, _client(pki, tmp_path, "client"))
+        assert not _echo(server.server_address[1], _client(pki, tmp_path, "client"))
     finally:
         server.shutdown()
 
