@@ -129,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print every path removed")
     p.set_defaults(handler=_lazy("node.retention"))
 
+    p = sub.add_parser("deliveries", help="list result deliveries to the PACS and their state")
+    _add_config(p)
+    p.add_argument(
+        "--state", choices=("pending", "sending", "delivered", "dead"), help="only this state"
+    )
+    p.add_argument("--destination", metavar="NAME", help="only this destination")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the last N")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_lazy("node.deliveries_cmd"))
+
+    p = sub.add_parser("retry", help="send dead-lettered deliveries again, now")
+    _add_config(p)
+    p.add_argument(
+        "ids", nargs="*", type=int, metavar="ID", help="delivery ids (default: all dead)"
+    )
+    p.add_argument("--pending", action="store_true", help="also the ones waiting for a retry")
+    p.add_argument(
+        "--queue-only", action="store_true", help="only re-queue; a running node sends them"
+    )
+    p.set_defaults(handler=_lazy("node.deliveries_cmd", "retry"))
+
     return parser
 
 

@@ -14,7 +14,15 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
 )
 
-from node.config import CallerConfig, Config, DestinationConfig, ExportConfig, NodeSection
+from node.cli import main
+from node.config import (
+    CallerConfig,
+    Config,
+    DestinationConfig,
+    ExportConfig,
+    NodeSection,
+    load_config,
+)
 from node.deliveries import DeliveryState, DeliveryStore
 from node.encode import ObjectKind
 from node.export import Exporter
@@ -186,3 +194,52 @@ def test_one_association_per_study_with_exactly_the_sent_contexts(tmp_path: Path
             (GrayscaleSoftcopyPresentationStateStorage, "1.2.840.10008.1.2.1"),
         }
     )
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see above
+def test_dead_letters_are_listed_and_sent_again_by_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With an empty retry schedule a refused delivery is dead at once; `shadowspot
+    deliveries` lists it with its error and `shadowspot retry` sends it once the PACS is up."""
+    port = free_port()
+    storage = tmp_path / "node"
+    config_file = tmp_path / "shadowspot.toml"
+    config_file.write_text(
+        f"""
+[node]
+storage = "{storage}"
+[[callers]]
+ae_title = "MODALITY"
+send_results_to = "pacs"
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {port}
+timeout_seconds = 5
+[export]
+retry_schedule_seconds = []
+""",
+        encoding="utf-8",
+    )
+    config = load_config(config_file)
+    store = DeliveryStore(storage, retry_schedule_seconds=())
+    source = generated_cr()
+    publish(
+        source=source,
+        result=two_findings(source),
+        config=config,
+        store=store,
+        calling_ae="MODALITY",
+    )
+    outcomes = Exporter(config, store).run_once(config.destinations[0])
+    assert {o.state for o in outcomes} == {DeliveryState.DEAD}
+    assert main(["deliveries", "--config", str(config_file), "--state", "dead"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count(" dead ") == 3 and "no association with pacs" in listing
+    with orthanc(tmp_path / "orthanc", dicom_port=port) as pacs:
+        assert main(["retry", "--config", str(config_file)]) == 0
+        assert "pacs: 3 delivered, 0 not delivered" in capsys.readouterr().out
+        assert len(pacs.get("/instances")) == 3
+    assert store.counts() == {DeliveryState.DELIVERED: 3}
