@@ -34,11 +34,20 @@ def grow(box: Box, margin: int, shape: tuple[int, int]) -> Box:
 
 def convex_hull_area(mask: BoolArray) -> float:
     """Area of the convex hull of the pixel squares of ``mask`` (monotone chain)."""
-    rows, cols = np.nonzero(mask)
+    rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return 0.0
+    # Only each row's leftmost and rightmost pixels can be hull vertices: 4 corners per row.
+    sub = mask[rows]
+    first = np.argmax(sub, axis=1)
+    last = sub.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
     corners = np.concatenate(
-        [np.stack([cols + dc, rows + dr], axis=1) for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1))]
+        [
+            np.stack([first, rows], axis=1),
+            np.stack([first, rows + 1], axis=1),
+            np.stack([last + 1, rows], axis=1),
+            np.stack([last + 1, rows + 1], axis=1),
+        ]
     )
     pts = np.unique(corners, axis=0).astype(np.float64)
     if len(pts) < 3:

@@ -1,0 +1,118 @@
+"""Decode: a pydicom ``Dataset`` → ``pipeline.result.SourceImage`` (the pipeline's input).
+
+The stored pixel values go to the pipeline unchanged, with the header facts S100 needs: the
+photometric interpretation, the Modality LUT's rescale slope/intercept, the first VOI window
+and the pixel spacing (``PixelSpacing``, else ``ImagerPixelSpacing``; zero or malformed →
+unknown). Multi-frame images (e.g. a secondary capture) contribute their first frame. YBR
+colour data is converted to RGB by pydicom. Any failure is a ``DecodeError`` (an
+``InputImageError``), which the worker records against the instance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.multival import MultiValue
+
+from node.errors import NodeError
+from pipeline.errors import InputImageError
+from pipeline.result import Photometric, SourceImage
+
+
+class DecodeError(NodeError, InputImageError):
+    """The DICOM pixel data cannot be turned into an image the pipeline understands.
+
+    A node error (raised by the node's decoder) that is also an ``InputImageError``: the
+    instance itself is unusable, retrying cannot help."""
+
+
+_PHOTOMETRIC = {
+    "MONOCHROME1": Photometric.MONOCHROME1,
+    "MONOCHROME2": Photometric.MONOCHROME2,
+    "RGB": Photometric.RGB,
+    "YBR_FULL": Photometric.RGB,
+    "YBR_FULL_422": Photometric.RGB,
+    "YBR_ICT": Photometric.RGB,
+    "YBR_RCT": Photometric.RGB,
+    "PALETTE COLOR": Photometric.RGB,
+}
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, MultiValue | list | tuple):
+        return value[0] if len(value) else None
+    return value
+
+
+def _float(value: Any) -> float | None:
+    try:
+        result = float(_first(value))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return result if np.isfinite(result) else None
+
+
+def spacing_of(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from PixelSpacing or ImagerPixelSpacing; None if unknown."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        try:
+            row, col = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if row > 0 and col > 0 and np.isfinite(row) and np.isfinite(col):
+            return (row, col)
+    return None
+
+
+def voi_window_of(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The first (centre, width) VOI window, if present and valid."""
+    centre = _float(ds.get("WindowCenter"))
+    width = _float(ds.get("WindowWidth"))
+    if centre is None or width is None or width <= 0:
+        return None
+    return (centre, width)
+
+
+def _pixels(ds: pydicom.Dataset, photometric: str) -> np.ndarray[Any, Any]:
+    try:
+        if photometric == "PALETTE COLOR":
+            from pydicom.pixels.processing import apply_color_lut
+
+            pixels = apply_color_lut(ds.pixel_array, ds)
+        else:
+            pixels = ds.pixel_array  # pydicom converts YBR to RGB by default
+    except Exception as exc:  # the decoders raise many unrelated types
+        raise DecodeError(f"cannot decode the pixel data: {exc}") from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1 or (pixels.ndim == 3 and samples == 1) or pixels.ndim == 4:
+        pixels = pixels[0]
+    return np.asarray(pixels)
+
+
+def decode(ds: pydicom.Dataset) -> SourceImage:
+    """Build the pipeline's ``SourceImage`` from a DICOM dataset with pixel data."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise DecodeError("the dataset has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    kind = _PHOTOMETRIC.get(photometric)
+    if kind is None:
+        raise DecodeError(f"unsupported photometric interpretation {photometric!r}")
+    pixels = _pixels(ds, photometric)
+    slope = _float(ds.get("RescaleSlope"))
+    intercept = _float(ds.get("RescaleIntercept"))
+    bits = ds.get("BitsStored")
+    return SourceImage(
+        pixels=pixels,
+        photometric=kind,
+        rescale_slope=slope if slope else 1.0,
+        rescale_intercept=intercept or 0.0,
+        voi_window=voi_window_of(ds),
+        spacing_mm=spacing_of(ds),
+        bits_stored=int(bits) if bits is not None else None,
+    )

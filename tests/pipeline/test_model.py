@@ -1,0 +1,86 @@
+"""The model loader: manifest, sha256 and shape checks through onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ModelError
+from pipeline.model import load_model
+from tests.pipeline.tiny_model import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_model_loads_and_predicts(tmp_path: Path) -> None:
+    """A real ONNX file through the real loader gives (N, C, H, W) probabilities."""
+    model = load_model(build_tiny_model(tmp_path, size=64), threads=1)
+    out = model.predict(np.zeros((2, 64, 64), dtype=np.float32))
+    assert out.shape == (2, 3, 64, 64)
+    assert ((out >= 0) & (out <= 1)).all()
+    assert [c.name for c in model.manifest.finding_channels] == ["spot", "shadow"]
+    assert model.manifest.lung_channel is not None
+
+
+def test_missing_manifest_is_a_model_error(tmp_path: Path) -> None:
+    """No manifest → ModelError naming the path."""
+    with pytest.raises(ModelError, match="manifest"):
+        load_model(tmp_path)
+
+
+def test_wrong_sha256_is_a_model_error(tmp_path: Path) -> None:
+    """A model file that does not match the manifest's digest is refused."""
+    folder = build_tiny_model(tmp_path, size=64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="sha256"):
+        load_model(folder)
+
+
+def test_size_mismatch_is_a_model_error(tmp_path: Path) -> None:
+    """A manifest whose input size differs from the graph's is refused at load."""
+    folder = build_tiny_model(tmp_path, size=64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["input"]["height"] = 96
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="shape"):
+        load_model(folder)
+
+
+def test_channel_count_mismatch_is_a_model_error(tmp_path: Path) -> None:
+    """A manifest listing a different number of channels than the output has is refused."""
+    folder = build_tiny_model(
+        tmp_path,
+        size=64,
+        channels_spec=[
+            {"name": "spot", "kind": "finding", "group": "spot", "finding_type": "nodule"}
+        ],
+    )
+    with pytest.raises(ModelError, match="output shape"):
+        load_model(folder)
+
+
+def test_unknown_finding_type_is_a_model_error(tmp_path: Path) -> None:
+    """A channel naming a finding type the pipeline does not know is refused."""
+    spec = [
+        {"name": "spot", "kind": "finding", "group": "spot", "finding_type": "wart"},
+        {"name": "shadow", "kind": "finding", "group": "shadow", "finding_type": "opacity"},
+        {"name": "lung", "kind": "lung"},
+    ]
+    with pytest.raises(ModelError, match="channels"):
+        load_model(build_tiny_model(tmp_path, size=64, channels_spec=spec))
+
+
+def test_the_shipped_model_loads() -> None:
+    """models/manifest.json and its ONNX file agree (skipped until the model is shipped)."""
+    if not (REPO / "models" / "manifest.json").is_file():
+        pytest.skip("models/manifest.json not shipped yet")
+    model = load_model(REPO / "models", threads=1)
+    h, w = model.manifest.working_shape
+    assert model.predict(np.zeros((1, h, w), dtype=np.float32)).shape[1] == len(
+        model.manifest.channels
+    )

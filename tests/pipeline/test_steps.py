@@ -1,0 +1,251 @@
+"""Each step of the method on generated images with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import (
+    CandidateConfig,
+    ContourConfig,
+    EnhancementConfig,
+    GradingConfig,
+    GreyConfig,
+    RecognitionConfig,
+    WatershedConfig,
+)
+from pipeline.contours import contour_marks
+from pipeline.enhancement import (
+    MarkSource,
+    Region,
+    border_ratios,
+    enhance,
+    gain_for,
+    influence_coefficient,
+)
+from pipeline.evidence import channel_marks
+from pipeline.geometry import bounding_box, convex_hull_area, trace_outer_contour
+from pipeline.grading import grade
+from pipeline.grey import GreyImage, analyse_distribution
+from pipeline.lung import lung_field, side_and_zone
+from pipeline.model import Channel
+from pipeline.result import FindingGroup, FindingType, Side, Zone
+from pipeline.watershed import merge_regions
+from pipeline.window import Preprocessed, Window, WindowSource, preprocess
+
+SPOT = Channel(
+    index=0,
+    name="spot",
+    kind="finding",
+    group=FindingGroup.SPOT,
+    finding_type=FindingType.NODULE,
+    threshold=0.5,
+)
+
+
+def _disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _pre(image: np.ndarray, spacing: tuple[float, float] | None = None, working: int | None = None):
+    plane = image.astype(np.float32)
+    grey = GreyImage(
+        pixels=plane,
+        distribution=analyse_distribution(plane, GreyConfig()),
+        voi_range=None,
+        spacing_mm=spacing,
+    )
+    shape = (working, working) if working else plane.shape
+    return preprocess(grey, working_shape=shape, low_percentile=0, high_percentile=100)
+
+
+# S321–S324 ---------------------------------------------------------------------------------
+
+
+def test_s321_merge_joins_a_weak_boundary_and_keeps_a_strong_one() -> None:
+    """Three regions: A|B separated by a weak ridge merge; B|C across a strong ridge do not."""
+    values = np.zeros((20, 30), dtype=np.float32)
+    labels = np.ones((20, 30), dtype=np.int32)
+    labels[:, 10:20], labels[:, 20:] = 2, 3
+    values[:, 9:11] = 0.01  # weak ridge between 1 and 2
+    values[:, 19:21] = 0.5  # strong ridge between 2 and 3
+    merged, count = merge_regions(
+        values, labels, 3, WatershedConfig(merge_constraint=0.02, merge_threshold=0.02)
+    )
+    assert count == 2
+    assert merged[5, 2] == merged[5, 15] != merged[5, 25]
+
+
+def test_s321_merge_respects_the_minima_constraint() -> None:
+    """Regions whose minima differ by more than the constraint never merge, however weak the
+    boundary between them."""
+    values = np.zeros((10, 20), dtype=np.float32)
+    labels = np.ones((10, 20), dtype=np.int32)
+    labels[:, 10:] = 2
+    values[:, 10:] = 0.3  # region 2's minimum is 0.3 above region 1's
+    _, count = merge_regions(
+        values, labels, 2, WatershedConfig(merge_constraint=0.1, merge_threshold=1.0)
+    )
+    assert count == 2
+
+
+# S300 --------------------------------------------------------------------------------------
+
+
+def _two_touching_blobs() -> np.ndarray:
+    yy, xx = np.mgrid[:60, :80]
+    a = np.exp(-((yy - 30) ** 2 + (xx - 28) ** 2) / (2 * 6.0**2))
+    b = np.exp(-((yy - 30) ** 2 + (xx - 52) ** 2) / (2 * 6.0**2))
+    return (
+        (0.95 * np.maximum(a, b) + 0.4 * np.exp(-((yy - 30) ** 2) / 50) * (abs(xx - 40) < 12))
+        .clip(0, 1)
+        .astype(np.float32)
+    )
+
+
+def test_s300_peak_relative_separates_touching_lesions() -> None:
+    """Two peaks joined by a ridge above threshold: one component, but two peak-relative marks
+    with boxes around each peak."""
+    evidence = _two_touching_blobs()
+    joined = channel_marks(evidence, SPOT, CandidateConfig(strategy="components"))
+    split = channel_marks(
+        evidence, SPOT, CandidateConfig(strategy="peak_relative", peak_fraction=0.7)
+    )
+    assert len(joined) == 1
+    assert len(split) == 2
+    left, right = sorted(split, key=lambda m: m.box[1])
+    assert left.box[3] <= right.box[1]  # separate boxes, no overlap
+    assert left.box[1] <= 28 < left.box[3] and right.box[1] <= 52 < right.box[3]
+
+
+# S400 --------------------------------------------------------------------------------------
+
+
+def test_s400_a_bright_disk_is_a_spot_contour() -> None:
+    """A 12 mm bright disk on a noisy lung-like background matches the spot criteria."""
+    rng = np.random.default_rng(3)
+    image = (0.3 + 0.02 * rng.standard_normal((200, 200))).astype(np.float32)
+    image[_disk(image.shape, (80, 120), 12)] = 0.7
+    marks = contour_marks(image, None, (0.5, 0.5), ContourConfig())
+    spots = [m for m in marks if m.group is FindingGroup.SPOT]
+    assert len(spots) == 1
+    assert spots[0].diameter_mm == pytest.approx(12.0, rel=0.15)
+    assert spots[0].circularity > 0.8 and spots[0].solidity > 0.9 and spots[0].contrast > 0.3
+    r0, c0, r1, c1 = spots[0].box
+    assert r0 <= 80 <= r1 and c0 <= 120 <= c1
+
+
+def test_s400_a_thin_line_is_not_a_spot() -> None:
+    """A long thin bright line (a rib edge, a tube) is neither a spot nor a shadow."""
+    image = np.full((200, 200), 0.3, dtype=np.float32)
+    image[100:103, 20:180] = 0.8
+    assert not [
+        m
+        for m in contour_marks(image, None, (0.5, 0.5), ContourConfig())
+        if m.group is FindingGroup.SPOT
+    ]
+
+
+# S520–S530 ---------------------------------------------------------------------------------
+
+
+def test_s520_coefficient_is_the_largest_border_pair_ratio() -> None:
+    """A uniform disk of 0.8 on 0.2: every border pair has the ratio (0.8+ε)/(0.2+ε)."""
+    image = np.full((40, 40), 0.2, dtype=np.float32)
+    mask = _disk(image.shape, (20, 20), 8)
+    image[mask] = 0.8
+    eps = 0.01
+    ratios = border_ratios(image, mask, eps)
+    assert ratios.size > 0 and np.all(np.diff(ratios) >= 0)
+    assert influence_coefficient(image, mask, eps) == pytest.approx(
+        (0.8 + eps) / (0.2 + eps), rel=1e-5
+    )
+
+
+def test_s520_coefficient_takes_the_maximum_not_the_mean() -> None:
+    """One bright pixel on the inner border raises the coefficient to its own pair's ratio."""
+    image = np.full((40, 40), 0.2, dtype=np.float32)
+    mask = _disk(image.shape, (20, 20), 8)
+    image[mask] = 0.4
+    image[12, 20] = 0.9  # top border pixel of the disk
+    assert influence_coefficient(image, mask, 0.0) == pytest.approx(0.9 / 0.2, rel=1e-5)
+
+
+def test_s530_faint_region_is_enhanced_and_outside_is_unchanged() -> None:
+    """A faint disk gets gain target/coefficient > 1: its contrast rises, far pixels keep
+    their values; a region that already stands out is left alone."""
+    image = np.full((120, 120), 0.4, dtype=np.float32)
+    faint = _disk(image.shape, (40, 40), 10)
+    strong = _disk(image.shape, (85, 85), 10)
+    image[faint] = 0.45
+    image[strong] = 0.95
+    pre = Preprocessed(
+        full=image,
+        working=image,
+        window=Window(low=0.0, high=1.0, source=WindowSource.PERCENTILE),
+        input_shape=image.shape,
+        spacing_mm=None,
+    )
+    config = EnhancementConfig(target_ratio=1.5, max_gain=3.0, feather_px=1.0)
+    regions = tuple(
+        Region(channel=SPOT, source=MarkSource.MODEL, probability=0.9, mask=m, box=bounding_box(m))
+        for m in (faint, strong)
+    )
+    enhanced, done = enhance(regions, pre, config)
+    c_faint = (0.45 + 0.01) / (0.4 + 0.01)
+    assert done[0].coefficient == pytest.approx(c_faint, rel=1e-3)
+    assert done[0].gain == pytest.approx(gain_for(c_faint, config)) and done[0].gain > 1
+    assert done[1].gain == 1.0
+    before = image[faint].mean() - 0.4
+    after = enhanced[faint].mean() - enhanced[60:70, 100:110].mean()
+    assert after > before * 1.2
+    np.testing.assert_array_equal(enhanced[strong], pre.full[strong])
+    np.testing.assert_array_equal(enhanced[60:70, 100:110], pre.full[60:70, 100:110])
+
+
+# S710–S742 ---------------------------------------------------------------------------------
+
+
+def test_s710_grading_table_probability_and_size() -> None:
+    """Default table: grade rises with probability and size; masses are grade 4; unknown size
+    never satisfies a size rule; alert at the configured grade."""
+    cfg = GradingConfig()
+    assert grade(FindingType.NODULE, 0.55, 8.0, cfg, 3).grade == 1
+    assert grade(FindingType.NODULE, 0.65, 8.0, cfg, 3).grade == 2
+    assert grade(FindingType.NODULE, 0.55, 20.0, cfg, 3).grade == 3
+    assert grade(FindingType.NODULE, 0.55, None, cfg, 3).grade == 1
+    g = grade(FindingType.MASS, 0.7, 40.0, cfg, 3)
+    assert g.grade == 4 and g.alert and g.colour == cfg.colour_of(4)
+    assert not grade(FindingType.OPACITY, 0.65, 10.0, cfg, 3).alert
+
+
+# Lung field --------------------------------------------------------------------------------
+
+
+def test_lung_side_and_zone_follow_the_pa_convention() -> None:
+    """The image's left lung is the patient's right; zones are thirds of that lung's height."""
+    prob = np.zeros((100, 100), dtype=np.float32)
+    prob[20:80, 10:40] = 0.9  # image-left lung
+    prob[20:80, 60:90] = 0.9  # image-right lung
+    lungs = lung_field(prob, RecognitionConfig(), prob.shape)
+    assert 40 <= lungs.midline <= 60
+    spot = _disk(prob.shape, (25, 25), 3)
+    assert side_and_zone(spot, lungs) == (Side.RIGHT, Zone.UPPER)
+    spot = _disk(prob.shape, (75, 75), 3)
+    assert side_and_zone(spot, lungs) == (Side.LEFT, Zone.LOWER)
+
+
+# Geometry ----------------------------------------------------------------------------------
+
+
+def test_outer_contour_is_the_boundary_of_the_mask() -> None:
+    """Moore tracing visits exactly the mask's boundary pixels."""
+    mask = _disk((30, 30), (15, 14), 7)
+    contour = trace_outer_contour(mask)
+    inner = mask.copy()
+    inner[1:-1, 1:-1] = (
+        mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:] & mask[1:-1, 1:-1]
+    )
+    assert set(contour) == set(zip(*np.nonzero(mask & ~inner), strict=True))
+    assert convex_hull_area(mask) >= mask.sum()
