@@ -1,0 +1,143 @@
+"""The whole method through ``pipeline.analyse`` with a real (tiny) ONNX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import PipelineConfig, SourceImage, analyse, load_model
+from pipeline.model import LesionModel
+from pipeline.result import FindingGroup, Photometric
+from tests.pipeline.conftest import CXR_DIR, need
+from tests.pipeline.tiny_model import build_tiny_model
+
+STEPS = {
+    "s100_grey",
+    "s200_window",
+    "s311_watershed",
+    "s300_model",
+    "s300_marks",
+    "s331_attention",
+    "s400_contours",
+    "s500_enhancement",
+    "s600_recognition",
+    "s700_findings",
+    "total",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LesionModel:
+    return load_model(build_tiny_model(tmp_path_factory.mktemp("model"), size=128), threads=1)
+
+
+def _chest_like(rows: int = 600, cols: int = 500, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    _yy, xx = np.mgrid[:rows, :cols]
+    # Noise on a smooth, broad density gradient (no sharp structure the tiny model could mark).
+    return (
+        1200 + 300 * np.cos((xx - cols / 2) / cols * np.pi) + 80 * rng.standard_normal((rows, cols))
+    )
+
+
+def test_a_bright_disk_is_a_spot_where_it_is(tiny: LesionModel) -> None:
+    """A bright 20 mm disk in the image-left lung becomes one spot finding on the patient's
+    right, its box around the disk, its area close to the disk's, graded and coloured."""
+    image = _chest_like()
+    yy, xx = np.mgrid[:600, :500]
+    disk = (yy - 300) ** 2 + (xx - 120) ** 2 <= 40**2
+    image[disk] += 2500
+    result = analyse(
+        SourceImage(pixels=image.astype(np.uint16), spacing_mm=(0.25, 0.25)), tiny, PipelineConfig()
+    )
+    spots = [f for f in result.findings if f.group is FindingGroup.SPOT]
+    assert len(spots) == 1
+    spot = spots[0]
+    x0, y0, x1, y1 = spot.box
+    assert x0 <= 120 < x1 and y0 <= 300 < y1
+    assert (x1 - x0) < 140 and (y1 - y0) < 140  # tight, not the whole lung
+    assert spot.area_mm2 == pytest.approx(disk.sum() * 0.0625, rel=0.5)
+    assert spot.side is not None and spot.side.value == "right"
+    assert spot.mask.shape == image.shape and spot.mask[300, 120]
+    assert spot.colour == PipelineConfig().grading.colour_of(spot.grade)
+    assert set(result.timings_ms) >= STEPS
+    assert result.enhanced_image.shape == image.shape
+
+
+def test_a_plain_image_has_no_spot(tiny: LesionModel) -> None:
+    """Without a lesion the tiny model marks no spot."""
+    result = analyse(SourceImage(pixels=_chest_like().astype(np.uint16)), tiny, PipelineConfig())
+    assert not [f for f in result.findings if f.group is FindingGroup.SPOT]
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.integers(64, 400),
+    cols=st.integers(64, 400),
+    seed=st.integers(0, 1000),
+    monochrome1=st.booleans(),
+    spots=st.integers(0, 3),
+)
+def test_invariants_hold_on_any_image(
+    tiny: LesionModel, rows: int, cols: int, seed: int, monochrome1: bool, spots: int
+) -> None:
+    """Masks have the input's shape, probabilities and the enhanced image stay in [0, 1],
+    boxes lie inside the image and contain their mask, contours have ≥ 3 vertices."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(1000, 100, (rows, cols))
+    for _ in range(spots):
+        r, c, rad = rng.integers(0, rows), rng.integers(0, cols), rng.integers(3, 20)
+        yy, xx = np.ogrid[:rows, :cols]
+        image[(yy - r) ** 2 + (xx - c) ** 2 <= rad**2] += 800
+    photometric = Photometric.MONOCHROME1 if monochrome1 else Photometric.MONOCHROME2
+    result = analyse(
+        SourceImage(pixels=image.clip(0, 4095).astype(np.uint16), photometric=photometric),
+        tiny,
+        PipelineConfig(),
+    )
+    assert result.shape == (rows, cols)
+    assert result.enhanced_image.min() >= 0.0 and result.enhanced_image.max() <= 1.0
+    for f in result.findings:
+        assert f.mask.shape == (rows, cols) and 0.0 <= f.probability <= 1.0
+        x0, y0, x1, y1 = f.box
+        assert 0 <= x0 < x1 <= cols and 0 <= y0 < y1 <= rows
+        ys, xs = np.nonzero(f.mask)
+        assert xs.min() == x0 and xs.max() == x1 - 1 and ys.min() == y0 and ys.max() == y1 - 1
+        assert len(f.contour) >= 3 and 1 <= f.grade <= 4
+
+
+def test_real_dataset_images_run_through(tiny: LesionModel) -> None:
+    """Real PNGs from cxr-lesions (one per source) run end to end with the tiny model."""
+    pil = pytest.importorskip("PIL.Image")
+    folder = need(CXR_DIR / "images")
+    for prefix in ("tbx", "cov", "nih"):
+        paths = sorted(folder.glob(f"{prefix}*.png"))[:1]
+        for path in paths:
+            pixels = np.asarray(pil.open(path).convert("L"))
+            result = analyse(SourceImage(pixels=pixels), tiny, PipelineConfig())
+            assert result.shape == pixels.shape
+            assert result.lung_mask is None or result.lung_mask.shape == pixels.shape
+
+
+def test_shipped_model_on_real_dicom() -> None:
+    """The shipped model on the real CR chest: runs and reports findings in the lungs only
+    (skipped until the model is shipped)."""
+    pydicom = pytest.importorskip("pydicom")
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / "models" / "manifest.json").is_file():
+        pytest.skip("models/manifest.json not shipped yet")
+    from tests.pipeline.conftest import DICOM_DIR
+
+    ds = pydicom.dcmread(need(DICOM_DIR / "RG1_UNCI.dcm"))
+    model = load_model(repo / "models", threads=2)
+    image = SourceImage(pixels=ds.pixel_array, photometric=Photometric.MONOCHROME1)
+    result = analyse(image, model, PipelineConfig())
+    assert result.lung_mask is not None and 0.1 < result.lung_mask.mean() < 0.8
+    for f in result.findings:
+        assert (f.mask & result.lung_mask).sum() > 0
