@@ -6,7 +6,8 @@ full-resolution preprocessed image, centred on the mark, with the whole image's 
 (so the model sees the same geometry as in training) and a side of ``context`` × the mark's
 extent (at least ``min_window_fraction`` of the image); all windows are resampled to the
 working size and scored in one batched model run. The window's probability over the mark's
-footprint (its peak) is blended into the mark's probability with weight ``weight``.
+footprint (its peak) is blended into the mark's probability with weight ``weight``. Marks more
+probable than ``max_probability`` are not re-scored (each window costs a model run).
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def _footprint(mark: Mark, window: AttentionWindow, pre: Preprocessed) -> npt.ND
 def attend(
     marks: tuple[Mark, ...], pre: Preprocessed, model: LesionModel, config: AttentionConfig
 ) -> tuple[Mark, ...]:
-    """S333: re-score the ``max_windows`` most probable marks in windows centred on them."""
-    chosen = list(range(min(config.max_windows, len(marks)))) if config.enabled else []
+    """S333: re-score the ``max_windows`` most probable marks that are not already beyond
+    doubt (``max_probability``) in windows centred on them."""
+    uncertain = [i for i, m in enumerate(marks) if m.probability <= config.max_probability]
+    chosen = uncertain[: config.max_windows] if config.enabled else []
     if not chosen:
         return marks
     windows = [window_for(marks[i], pre, config) for i in chosen]

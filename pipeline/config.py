@@ -113,8 +113,12 @@ class AttentionConfig:
     """``[pipeline.attention]``: S331–S333 re-scoring of windows centred on candidates."""
 
     enabled: bool = True
-    max_windows: int = 4
-    """Only the most probable candidates get an attention window (one batched model run)."""
+    max_windows: int = 2
+    """Only the most probable candidates get an attention window (one batched model run;
+    each window costs one model inference)."""
+    max_probability: float = 0.9
+    """Candidates already more probable than this are not re-scored: the window could only
+    confirm them, and each window costs a model run."""
     context: float = 3.0
     """Window side = this × the candidate's larger box side (at least ``min_window_fraction``
     of the image), taken from the full-resolution image and resampled to the model input."""
@@ -130,6 +134,7 @@ class AttentionConfig:
             raise ValueError("context must be at least 1")
         _fraction(self.min_window_fraction, "min_window_fraction", open_low=True)
         _fraction(self.weight, "weight")
+        _fraction(self.max_probability, "max_probability")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,7 +20,6 @@ from pipeline.config import PipelineConfig
 from pipeline.enhancement import MarkSource, Region
 from pipeline.geometry import Box, grow, simplify_chain, trace_outer_contour
 from pipeline.grading import grade
-from pipeline.itk import connected_components
 from pipeline.lung import LungField, in_lung_fraction, side_and_zone
 from pipeline.result import Finding, FindingGroup, FindingType
 from pipeline.window import Preprocessed, resize
@@ -91,11 +90,6 @@ def full_resolution_mask(mask: BoolArray, pre: Preprocessed) -> tuple[BoolArray,
     up = resize(mask[wr0:wr1, wc0:wc1].astype(np.float32), (r1 - r0, c1 - c0)) >= 0.5
     if not up.any():  # a sliver thinner than the upsampling: keep its nearest pixels
         up = resize(mask[wr0:wr1, wc0:wc1].astype(np.float32), (r1 - r0, c1 - c0)) > 0.0
-    labels, count = connected_components(up)
-    if count > 1:  # keep the largest piece so that mask, box and contour agree
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        up = labels == int(np.argmax(sizes))
     full = np.zeros(pre.input_shape, dtype=bool)
     full[r0:r1, c0:c1] = up
     ys = np.flatnonzero(up.any(axis=1))
