@@ -24,6 +24,7 @@ from node.config import Config
 from node.errors import IngestError
 from node.logs import configure_logging
 from node.queue import Queue
+from node.retention import RetentionThread
 from node.scp import StorageSCP
 from node.spool import Spool, inspect
 from node.worker import PipelineHooks, Worker
@@ -130,6 +131,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if not config.callers:
         log.warning("callers_unrestricted", detail="no [[callers]] listed: any AE may send")
     http = health.start(config)
+    retention = RetentionThread(config)
+    retention.start()
     node = Node(config, hooks=load_pipeline_hooks(config))
     port = node.start()
     log.info(
@@ -147,6 +150,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         pass
     started = time.monotonic()
     node.stop()
+    retention.stop()
     if http is not None:
         http.shutdown()
     log.info("node_stopped", ms=round((time.monotonic() - started) * 1000, 1))

@@ -149,11 +149,11 @@ class Worker(threading.Thread):
                 sop_instance_uid=instance.sop_instance_uid
             ):
                 outcome = self._instance(job, instance)
-            if isinstance(outcome, str):
+            if isinstance(outcome, InstanceState):
+                outcomes[outcome.value] += 1
+            else:
                 waiting_reason = outcome
                 outcomes["waiting"] += 1
-            else:
-                outcomes[outcome.value] += 1
         ms = round((time.monotonic() - started) * 1000, 1)
         if waiting_reason is not None:
             self._queue.finish_job(job.id, JobState.WAITING_FOR_PIPELINE, waiting_reason)

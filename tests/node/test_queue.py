@@ -1,0 +1,144 @@
+"""The SQLite job queue: grouping by quiet period, job states, recovery after a crash."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import uid
+
+from node.dimse import Status
+from node.queue import InstanceHeader, InstanceState, JobState, Queue
+from tests.node.conftest import NODE_AE, StartNode, make_image, scu
+
+T0 = 1_800_000_000.0
+
+
+def _header(study: str, n: int) -> InstanceHeader:
+    return InstanceHeader(
+        sop_instance_uid=f"1.2.3.{study}.{n}",
+        sop_class_uid=uid.ComputedRadiographyImageStorage,
+        study_instance_uid=f"1.2.3.{study}",
+        series_instance_uid=f"1.2.3.{study}.0",
+        transfer_syntax_uid=uid.ExplicitVRLittleEndian,
+        modality="CR",
+        body_part_examined="CHEST",
+    )
+
+
+def _add(queue: Queue, study: str, n: int, at: float) -> bool:
+    return queue.add_instance(
+        _header(study, n),
+        path=Path(f"/spool/{study}/{n}.dcm"),
+        calling_ae="M1",
+        peer="::1",
+        received_at=at,
+    )
+
+
+def test_database_is_wal(tmp_path: Path) -> None:
+    """The queue database is SQLite in WAL mode at <storage>/shadowspot.db."""
+    Queue(tmp_path, study_quiet_seconds=1.0).close()
+    with sqlite3.connect(tmp_path / "shadowspot.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_study_becomes_a_job_only_after_its_quiet_period(tmp_path: Path) -> None:
+    """Instances of a study wait until none arrived for study_quiet_seconds, then form one job;
+    a late instance forms a second job of its own."""
+    queue = Queue(tmp_path, study_quiet_seconds=2.0)
+    assert _add(queue, "A", 1, T0) and _add(queue, "A", 2, T0 + 1.5) and _add(queue, "B", 1, T0)
+    assert [j.study_instance_uid for j in queue.form_jobs(now=T0 + 2.5)] == ["1.2.3.B"]
+    assert queue.form_jobs(now=T0 + 3.4) == []  # A's last instance came at +1.5
+    (job_a,) = queue.form_jobs(now=T0 + 3.5)
+    assert [i.sop_instance_uid for i in queue.instances_of(job_a.id)] == ["1.2.3.A.1", "1.2.3.A.2"]
+    assert all(i.state is InstanceState.QUEUED for i in queue.instances_of(job_a.id))
+    assert _add(queue, "A", 3, T0 + 10)
+    (late,) = queue.form_jobs(now=T0 + 12)
+    assert late.study_instance_uid == "1.2.3.A" and late.id != job_a.id
+    assert [i.sop_instance_uid for i in queue.instances_of(late.id)] == ["1.2.3.A.3"]
+
+
+def test_duplicate_instance_is_not_added_twice(tmp_path: Path) -> None:
+    """A second add of the same SOP Instance UID is refused, before and after grouping."""
+    queue = Queue(tmp_path, study_quiet_seconds=1.0)
+    assert _add(queue, "A", 1, T0)
+    assert not _add(queue, "A", 1, T0 + 0.1)
+    queue.form_jobs(now=T0 + 5)
+    assert not _add(queue, "A", 1, T0 + 6)
+    assert len(queue.instances()) == 1 and len(queue.jobs()) == 1
+
+
+def test_claim_and_finish_walk_the_job_states(tmp_path: Path) -> None:
+    """queued → running (attempt 1) → done; a finished job cannot be finished again."""
+    queue = Queue(tmp_path, study_quiet_seconds=1.0)
+    _add(queue, "A", 1, T0)
+    (formed,) = queue.form_jobs(now=T0 + 5)
+    assert formed.state is JobState.QUEUED
+    job = queue.claim()
+    assert job is not None and job.state is JobState.RUNNING and job.attempts == 1
+    assert queue.claim() is None
+    queue.finish_job(job.id, JobState.DONE, "1 analysed")
+    with pytest.raises(ValueError, match="not running"):
+        queue.finish_job(job.id, JobState.DONE)
+    assert queue.job_counts()[JobState.DONE] == 1
+
+
+def test_recover_requeues_what_a_dead_process_left_running(tmp_path: Path) -> None:
+    """A job left running by a killed process is queued again on reopening; one interrupted
+    max_attempts times is failed instead of looping for ever."""
+    queue = Queue(tmp_path, study_quiet_seconds=1.0, max_attempts=2)
+    _add(queue, "A", 1, T0)
+    queue.form_jobs(now=T0 + 5)
+    assert queue.claim() is not None  # ...and the process dies here: no close, no release
+    reopened = Queue(tmp_path, study_quiet_seconds=1.0, max_attempts=2)
+    assert reopened.recover() == (1, 0)
+    (job,) = reopened.jobs()
+    assert job.state is JobState.QUEUED
+    assert reopened.claim() is not None  # second attempt, interrupted again
+    again = Queue(tmp_path, study_quiet_seconds=1.0, max_attempts=2)
+    assert again.recover() == (0, 1)
+    (job,) = again.jobs()
+    assert job.state is JobState.FAILED and job.reason == "interrupted 2 times"
+
+
+def test_waiting_jobs_are_requeued_when_a_pipeline_exists(tmp_path: Path) -> None:
+    """waiting_for_pipeline jobs go back to queued by requeue_waiting, and only those."""
+    queue = Queue(tmp_path, study_quiet_seconds=1.0)
+    _add(queue, "A", 1, T0)
+    _add(queue, "B", 1, T0)
+    queue.form_jobs(now=T0 + 5)
+    first, second = queue.claim(), queue.claim()
+    assert first is not None and second is not None
+    queue.finish_job(first.id, JobState.WAITING_FOR_PIPELINE, "no pipeline")
+    queue.finish_job(second.id, JobState.DONE)
+    assert queue.requeue_waiting() == 1
+    states = {j.id: j.state for j in queue.jobs()}
+    assert states == {first.id: JobState.QUEUED, second.id: JobState.DONE}
+
+
+@pytest.mark.network
+def test_node_groups_a_study_after_its_quiet_period(start_node: StartNode) -> None:
+    """Through the running node: two instances of one study and one of another become two
+    jobs, only after study_quiet_seconds without a new instance."""
+    node = start_node(study_quiet_seconds=1.0)
+    study_a, study_b = uid.generate_uid(), uid.generate_uid()
+    datasets = [make_image(study_uid=s) for s in (study_a, study_a, study_b)]
+    assoc = scu(uid.ComputedRadiographyImageStorage).associate(
+        "127.0.0.1", node.port, ae_title=NODE_AE
+    )
+    assert assoc.is_established
+    sent_at = time.monotonic()
+    assert [assoc.send_c_store(d).Status for d in datasets] == [Status.SUCCESS] * 3
+    assoc.release()
+    assert node.queue.jobs() == [] or time.monotonic() - sent_at >= 1.0
+    deadline = time.monotonic() + 10
+    while len(node.queue.jobs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert time.monotonic() - sent_at >= 1.0
+    jobs = {j.study_instance_uid: j for j in node.queue.jobs()}
+    assert set(jobs) == {study_a, study_b}
+    assert len(node.queue.instances_of(jobs[study_a].id)) == 2
+    assert len(node.queue.instances_of(jobs[study_b].id)) == 1
