@@ -139,15 +139,23 @@ def _upsample(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArra
 
 
 def pipeline_engine(model_dir: Path) -> Engine:
-    """The real pipeline (``pipeline.analyse``) with the model in ``model_dir``."""
-    from pipeline.analyse import Analyser  # type: ignore[import-not-found]
+    """The real pipeline (``pipeline.analyse.analyse``, S100–S742) with the model in
+    ``model_dir`` and the default ``PipelineConfig`` otherwise."""
+    import logging
+
+    import structlog
+
+    from pipeline.analyse import analyse
     from pipeline.config import PipelineConfig
+    from pipeline.model import load_model
     from pipeline.result import SourceImage
 
-    analyser = Analyser(PipelineConfig(model_dir=model_dir))
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    config = PipelineConfig(model_dir=model_dir)
+    model = load_model(model_dir, threads=2)
 
     def run(grey: npt.NDArray[np.uint8]) -> Analysed:
-        result = analyser.analyse(SourceImage(pixels=grey))
+        result = analyse(SourceImage(pixels=grey), model, config)
         found = tuple(
             Found(
                 group=str(f.finding_type.group),
