@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 
-from node import PRODUCT_NAME, __version__
+from node import PRODUCT_NAME, __version__, metrics
 from node.config import AlertsConfig
 from node.logs import get_logger
 from pipeline.result import AnalysisResult
@@ -94,6 +94,7 @@ class AlertNotifier:
 
     def notify(self, alert: Alert) -> None:
         """S742: log the alert now; queue the webhook POST."""
+        metrics.ALERTS_RAISED.inc()
         self._log.warning(
             "alert_raised",
             study_instance_uid=alert.study_instance_uid,

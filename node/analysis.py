@@ -16,6 +16,7 @@ import pydicom
 import structlog
 from pydicom.errors import InvalidDicomError
 
+from node import metrics
 from node.decode import DecodeError, decode
 from pipeline import analyse, load_model
 from pipeline.config import PipelineConfig
@@ -39,6 +40,7 @@ class Analyser:
             model_version=self.model.version,
             model_dir=str(config.model_dir),
         )
+        metrics.set_model_loaded(self.model.name, self.model.version)
 
     def analyse_image(self, image: SourceImage) -> AnalysisResult:
         """Run S100–S742 on an already decoded image."""

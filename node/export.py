@@ -13,7 +13,6 @@ transport options are added there and nowhere else.
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from collections import defaultdict
@@ -26,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 
+from node import metrics, tls
 from node.config import Config, DestinationConfig
 from node.deliveries import Delivery, DeliveryState, DeliveryStore
 from node.dimse import Status
@@ -46,14 +46,6 @@ class Outcome:
     error: str | None = None
 
 
-def _client_ssl_context(config: Config) -> ssl.SSLContext:
-    tls = config.tls
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_certificates)
-    if tls.certificate is not None and tls.private_key is not None:
-        context.load_cert_chain(tls.certificate, tls.private_key)
-    return context
-
-
 def open_association(
     config: Config, destination: DestinationConfig, contexts: Sequence[tuple[str, str]]
 ) -> Association:
@@ -65,7 +57,7 @@ def open_association(
     ae.dimse_timeout = destination.timeout_seconds
     ae.network_timeout = destination.timeout_seconds
     ae.connection_timeout = destination.timeout_seconds
-    tls_args = (_client_ssl_context(config), destination.host) if destination.tls else None
+    tls_args = tls.tls_args(config, destination.host) if destination.tls else None
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
     )
@@ -156,6 +148,10 @@ class Exporter:
 
     def _fail(self, delivery: Delivery, error: str, *, retryable: bool) -> Outcome:
         state = self.store.mark_failed(delivery.id, error, retryable=retryable)
+        dead = state is DeliveryState.DEAD
+        metrics.DELIVERY_ATTEMPTS.labels(outcome="dead_letter" if dead else "retry").inc()
+        if dead:
+            metrics.record_error("delivery_dead")
         return Outcome(
             delivery_id=delivery.id,
             sop_instance_uid=delivery.sop_instance_uid,
@@ -207,6 +203,7 @@ class Exporter:
         state, retryable, error = _classify(int(status))
         if state is DeliveryState.DELIVERED:
             self.store.mark_delivered(delivery.id)
+            metrics.DELIVERY_ATTEMPTS.labels(outcome="delivered").inc()
             return Outcome(
                 delivery_id=delivery.id, sop_instance_uid=delivery.sop_instance_uid, state=state
             )

@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from node.config import Config, NodeSection, TLSConfig
-from node.errors import ConfigError
+from node.config import Config, DestinationConfig, NodeSection, TLSConfig
+from node.errors import ConfigError, ExportError
+from node.export import open_association
 from node.queue import Queue
 from node.scp import StorageSCP
 from node.spool import Spool
@@ -181,3 +183,51 @@ def test_key_not_matching_certificate_is_a_config_error(
     with pytest.raises(ConfigError) as caught:
         server_context(config)
     assert caught.value.problems[0].key == "tls.certificate"
+
+
+@pytest.mark.parametrize("server_pair", ["server", "rogue"])
+def test_export_association_over_tls(
+    pki: dict[str, Pair], tmp_path: Path, server_pair: str
+) -> None:
+    """The exporter's open_association reaches a TLS destination whose certificate the
+    hospital CA signed, and refuses (retryable ExportError) one signed by another CA."""
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Verification, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    peer = Config(
+        node=NodeSection(port=0, storage=tmp_path / "peer"),
+        tls=TLSConfig(
+            enabled=True,
+            certificate=pki[server_pair].certificate,
+            private_key=pki[server_pair].private_key,
+            ca_certificates=pki["ca"].certificate,
+            require_client_certificate=True,
+        ),
+    )
+    server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=server_context(peer))
+    port = server.server_address[1]
+    base = _config(pki, tmp_path)
+    destination = DestinationConfig(
+        name="PACS", ae_title="PACS", host="127.0.0.1", port=port, tls=True, timeout_seconds=5
+    )
+    node = Config(
+        node=base.node,
+        destinations=(destination,),
+        tls=TLSConfig(
+            enabled=True,
+            certificate=pki["client"].certificate,
+            private_key=pki["client"].private_key,
+            ca_certificates=pki["ca"].certificate,
+        ),
+    )
+    try:
+        if server_pair == "server":
+            assoc = open_association(node, destination, [(Verification, ExplicitVRLittleEndian)])
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        else:
+            with pytest.raises(ExportError) as caught:
+                open_association(node, destination, [(Verification, ExplicitVRLittleEndian)])
+            assert caught.value.retryable
+    finally:
+        server.shutdown()
