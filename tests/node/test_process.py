@@ -61,7 +61,8 @@ class Server:
 
     def events(self) -> list[dict[str, object]]:
         text = self.log.read_bytes()[self._offset :].decode()
-        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        complete = text[: text.rfind("\n") + 1]  # a line being written is read next time
+        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
 
     def wait_for(self, event: str, timeout: float = 30.0) -> dict[str, object]:
         deadline = time.monotonic() + timeout
