@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from pipeline.result import AnalysisResult, Finding, Photometric, SourceImage
 
 _RASTER = {".png", ".jpg", ".jpeg"}
 _PROGRESS_ABOVE = 3
+_MIN_RENDERED_SIDE = 768
 _GRADE_NAMES = {1: "low", 2: "moderate", 3: "high", 4: "urgent"}
 
 
@@ -92,56 +95,121 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def render(result: AnalysisResult, grading: GradingConfig) -> Image.Image:
-    """The enhanced image with findings outlined in their grade colours and a legend."""
-    grey = np.round(result.enhanced_image * 255.0).astype(np.uint8)
-    image = Image.fromarray(grey, mode="L").convert("RGB")
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Style:
+    scale: int  # rendered pixels per input pixel (small images are enlarged to be readable)
+    line: int
+    font: Font
+    text: int  # font size in pixels
+
+
+def _style(shape: tuple[int, int]) -> _Style:
+    short = min(shape)
+    scale = max(1, math.ceil(_MIN_RENDERED_SIDE / short)) if short < _MIN_RENDERED_SIDE else 1
+    size = short * scale
+    text = max(14, round(size / 60))
+    return _Style(scale=scale, line=max(2, round(size / 400)), font=_font(text), text=text)
+
+
+def _points(f: Finding, k: int) -> list[tuple[float, float]]:
+    """Contour vertices (input pixel centres) in rendered coordinates."""
+    return [((x + 0.5) * k - 0.5, (y + 0.5) * k - 0.5) for x, y in f.contour]
+
+
+def _outline(image: Image.Image, findings: tuple[Finding, ...], style: _Style) -> None:
     draw = ImageDraw.Draw(image)
-    rows, cols = result.shape
-    line = max(2, round(min(rows, cols) / 400))
-    text = _font(max(12, round(min(rows, cols) / 60)))
-    for f in result.findings:
-        points = [(x, y) for x, y in f.contour]
+    k, line = style.scale, style.line
+    for f in findings:
+        points = _points(f, k)
         draw.line([*points, points[0]], fill=f.colour, width=line, joint="curve")
-        label = f"{f.finding_type.value} {f.probability:.2f} G{f.grade}" + (
-            " ALERT" if f.alert else ""
-        )
-        x0, y0 = f.box[0], f.box[1]
-        ty = y0 - text.size - 2 * line if y0 > text.size + 2 * line else f.box[3] + line  # type: ignore[union-attr]
+        label = f"{f.finding_type.value} {f.probability:.2f} G{f.grade}"
+        label += " ALERT" if f.alert else ""
+        x0, y0, y1 = f.box[0] * k, f.box[1] * k, f.box[3] * k
+        ty = y0 - style.text - 2 * line if y0 > style.text + 2 * line else y1 + line
         draw.text(
             (x0, ty),
             label,
             fill=f.colour,
-            font=text,
+            font=style.font,
             stroke_width=max(1, line // 2),
             stroke_fill=(0, 0, 0),
         )
-    _legend(draw, result, grading, text, line)
-    return image
 
 
-def _legend(
-    draw: ImageDraw.ImageDraw,
-    result: AnalysisResult,
-    grading: GradingConfig,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    line: int,
-) -> None:
-    size = int(getattr(font, "size", 12))
-    pad = size // 2
+def _flash(image: Image.Image, findings: tuple[Finding, ...], style: _Style) -> Image.Image:
+    """S742: the alerted regions filled with their colour (the second frame of the blink)."""
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    for f in findings:
+        if f.alert:
+            draw.polygon(_points(f, style.scale), fill=(*f.colour, 110), outline=(*f.colour, 255))
+    return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
+
+
+def _legend_bar(
+    result: AnalysisResult, grading: GradingConfig, width: int, style: _Style
+) -> Image.Image:
+    """A black bar under the image: the status line, then one swatch per grade."""
+    size, pad, font = style.text, style.text // 2, style.font
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     entries = [(grading.colour_of(g), f"grade {g}: {_GRADE_NAMES[g]}") for g in (1, 2, 3, 4)]
+    spans = [int(probe.textlength(t, font=font)) + size + 3 * pad for _, t in entries]
+    lines, x = 1, pad
+    for span in spans:
+        if x + span > width and x > pad:
+            lines, x = lines + 1, pad
+        x += span
+    bar = Image.new("RGB", (width, (lines + 1) * (size + pad) + pad), (0, 0, 0))
+    draw = ImageDraw.Draw(bar)
     status = "ALERT" if result.alert else ("findings" if result.findings else "no findings")
-    heading = f"ShadowSpot · {len(result.findings)} finding(s) · {status}"
-    width = int(max(draw.textlength(t, font=font) for t in [heading] + [e[1] for e in entries]))
-    height = (len(entries) + 1) * (size + pad) + pad
-    draw.rectangle((0, 0, width + 3 * pad + size, height), fill=(0, 0, 0))
+    heading = f"ShadowSpot · {len(result.findings)} finding(s) · {status} · {result.model_name}"
     draw.text(
         (pad, pad), heading, fill=(255, 64, 64) if result.alert else (255, 255, 255), font=font
     )
-    for i, (colour, label) in enumerate(entries, start=1):
-        y = pad + i * (size + pad)
-        draw.rectangle((pad, y, pad + size, y + size), outline=colour, width=line)
-        draw.text((2 * pad + size, y), label, fill=colour, font=font)
+    x, y = pad, pad + size + pad
+    for (colour, label), span in zip(entries, spans, strict=True):
+        if x + span > width and x > pad:
+            x, y = pad, y + size + pad
+        draw.rectangle((x, y, x + size, y + size), outline=colour, width=style.line)
+        draw.text((x + size + pad, y), label, fill=colour, font=font)
+        x += span
+    return bar
+
+
+def render(result: AnalysisResult, grading: GradingConfig) -> list[Image.Image]:
+    """The enhanced image with findings outlined in their grade colours, labelled, and a
+    legend bar below it. Images with a short side under 768 pixels are enlarged by an
+    integer factor. With an alert, a second frame fills the alerted regions (S742 flashing:
+    the PNG is then an animated PNG; viewers without animation show the first frame)."""
+    style = _style(result.shape)
+    grey = np.round(result.enhanced_image * 255.0).astype(np.uint8)
+    base = Image.fromarray(grey, mode="L").convert("RGB")
+    if style.scale > 1:
+        rows, cols = result.shape
+        base = base.resize((cols * style.scale, rows * style.scale), Image.Resampling.BILINEAR)
+    _outline(base, result.findings, style)
+    bar = _legend_bar(result, grading, base.width, style)
+    frames = [base, _flash(base, result.findings, style)] if result.alert else [base]
+    out = []
+    for frame in frames:
+        canvas = Image.new("RGB", (base.width, base.height + bar.height))
+        canvas.paste(frame, (0, 0))
+        canvas.paste(bar, (0, base.height))
+        out.append(canvas)
+    return out
+
+
+def save_png(frames: list[Image.Image], path: Path) -> None:
+    """One PNG, animated (blinking, endless loop) when there is more than one frame."""
+    if len(frames) == 1:
+        frames[0].save(path, format="PNG")
+    else:
+        frames[0].save(
+            path, format="PNG", save_all=True, append_images=frames[1:], duration=600, loop=0
+        )
 
 
 def _out_stem(path: Path, used: set[str]) -> str:
@@ -185,7 +253,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         stem = _out_stem(path, used)
         doc = result_json(str(path), result)
         (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        render(result, config.pipeline.grading).save(out / f"{stem}.png", optimize=False)
+        save_png(render(result, config.pipeline.grading), out / f"{stem}.png")
         if progress:
             ms = (time.perf_counter() - start) * 1000.0
             print(
