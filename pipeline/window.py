@@ -86,11 +86,10 @@ def choose_window(
     if use_voi and grey.voi_range is not None:
         return Window(low=grey.voi_range[0], high=grey.voi_range[1], source=WindowSource.VOI)
     d = grey.distribution
-    return Window(
-        low=d.percentile(low_percentile),
-        high=d.percentile(high_percentile),
-        source=WindowSource.PERCENTILE,
-    )
+    low, high = d.percentile(low_percentile), d.percentile(high_percentile)
+    if high <= low:  # almost all pixels equal (a tiny object on a blank field): full range
+        low, high = d.minimum, d.maximum
+    return Window(low=low, high=high, source=WindowSource.PERCENTILE)
 
 
 def apply_window(pixels: FloatArray, window: Window) -> FloatArray:

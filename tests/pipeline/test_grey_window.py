@@ -141,3 +141,14 @@ def test_model_input_on_a_real_png() -> None:
     out = model_input(pixels, working_shape=(128, 128), low_percentile=0.5, high_percentile=99.5)
     assert out.shape == (128, 128) and out.dtype == np.float32
     assert 0.0 <= out.min() < 0.05 and 0.95 < out.max() <= 1.0
+
+
+def test_s200_window_falls_back_to_the_full_range_when_percentiles_coincide() -> None:
+    """A small object on a blank field (percentiles equal) still gets a usable window."""
+    image = np.zeros((200, 200), dtype=np.uint16)
+    image[100:104, 100:104] = 1000
+    image[0, :] = 7  # not a uniform border band everywhere
+    grey = to_grey(SourceImage(pixels=image), GreyConfig(border_tolerance=0.0))
+    pre = preprocess(grey, working_shape=(50, 50), low_percentile=0.5, high_percentile=99.5)
+    assert pre.window.high > pre.window.low
+    assert pre.full[101, 101] == 1.0
