@@ -9,7 +9,6 @@ jobs, close the database.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import signal
 import threading
 import time
@@ -18,53 +17,85 @@ from types import FrameType
 
 import pydicom
 import structlog
+from pydicom import Dataset
 
-from node import __version__, health
+from node import __version__, health, metrics, results
+from node.alerts import AlertNotifier
 from node.config import Config
+from node.deliveries import DeliveryStore
 from node.errors import IngestError
+from node.export import Exporter
 from node.logs import configure_logging
-from node.queue import Queue
+from node.queue import Instance, Job, Queue
 from node.retention import RetentionThread
 from node.scp import StorageSCP
 from node.spool import Spool, inspect
-from node.worker import PipelineHooks, Worker
+from node.worker import AnalyseFile, PipelineHooks, Worker
+from pipeline.errors import PipelineError
+from pipeline.result import AnalysisResult
 
 log = structlog.stdlib.get_logger("node.serve")
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 
-def load_pipeline_hooks(config: Config) -> PipelineHooks | None:
-    """The real analysis and publication hooks, or None while those modules do not exist."""
-    missing = [m for m in ("node.analysis", "node.results") if importlib.util.find_spec(m) is None]
-    if missing:
-        log.warning("pipeline_unavailable", reason=f"modules not present: {', '.join(missing)}")
+def load_analyser(config: Config) -> AnalyseFile | None:
+    """The pipeline's ``analyse_file`` with the model loaded once, or None (logged) when the
+    model cannot be loaded: the node still receives, and jobs wait for a pipeline."""
+    from node.analysis import Analyser  # imports onnxruntime and SimpleITK: only for serve
+
+    try:
+        return Analyser(config.pipeline).analyse_file
+    except PipelineError as exc:
+        log.error("pipeline_unavailable", reason=str(exc), model_dir=str(config.pipeline.model_dir))
+        metrics.record_error("pipeline_unavailable")
         return None
-    log.warning("pipeline_unavailable", reason="node.analysis/node.results not wired yet")
-    return None
 
 
 class Node:
     """Queue, spool, workers and SCP of one running node (what ``serve`` runs; tests use it)."""
 
-    def __init__(self, config: Config, *, hooks: PipelineHooks | None) -> None:
+    def __init__(self, config: Config, *, analyse_file: AnalyseFile | None) -> None:
         self.config = config
         storage = config.node.storage
         storage.mkdir(parents=True, exist_ok=True)
         self.queue = Queue(storage, study_quiet_seconds=config.node.study_quiet_seconds)
         self.spool = Spool(storage, min_free_bytes=int(config.node.min_free_mb * 1_000_000))
-        self.hooks = hooks
+        self.deliveries = DeliveryStore(
+            storage, retry_schedule_seconds=config.export.retry_schedule_seconds
+        )
+        self.exporter = Exporter(config, self.deliveries)
+        self.alerts = AlertNotifier(config.alerts)
+        self.hooks = (
+            None
+            if analyse_file is None
+            else PipelineHooks(analyse_file=analyse_file, publish=self._publish)
+        )
         self.port: int | None = None
         """The bound port, once started."""
         self.scp = StorageSCP(config, spool=self.spool, queue=self.queue)
         self._stop = threading.Event()
         self.workers = [
-            Worker(self.queue, hooks, stop=self._stop, name=f"worker-{i + 1}")
+            Worker(self.queue, self.hooks, stop=self._stop, name=f"worker-{i + 1}")
             for i in range(config.node.analysis_workers)
         ]
 
+    def _publish(
+        self, *, dataset: Dataset, result: AnalysisResult, job: Job, instance: Instance
+    ) -> None:
+        """The worker's publish hook: ``node.results.publish`` with this node's outbound parts."""
+        results.publish(
+            source=dataset,
+            result=result,
+            config=self.config,
+            store=self.deliveries,
+            calling_ae=job.calling_ae or None,
+            alerts=self.alerts,
+            wake=self.exporter.wake,
+        )
+
     def start(self) -> int:
-        """Recover, start workers and the SCP; returns the bound port."""
+        """Recover, start exporter, workers and the SCP; returns the bound port."""
         requeued, failed = self.queue.recover()
         adopted = self.adopt_orphans()
         waiting = self.queue.requeue_waiting() if self.hooks is not None else 0
@@ -77,6 +108,7 @@ class Node:
             pending_instances=self.queue.pending_instances(),
             **{f"jobs_{k}": v for k, v in self.queue.job_counts().items()},
         )
+        self.exporter.start()
         for worker in self.workers:
             worker.start()
         _, self.port = self.scp.start()
@@ -111,7 +143,10 @@ class Node:
         for worker in self.workers:
             if worker.is_alive():
                 worker.join()
+        self.exporter.stop(timeout=grace_seconds)
+        self.alerts.close()
         self.queue.close()
+        self.deliveries.close()
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -133,7 +168,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     http = health.start(config)
     retention = RetentionThread(config)
     retention.start()
-    node = Node(config, hooks=load_pipeline_hooks(config))
+    node = Node(config, analyse_file=load_analyser(config))
     port = node.start()
     log.info(
         "node_started",
@@ -144,7 +179,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         storage=str(config.node.storage.resolve()),
         log_file=str(log_file) if log_file else None,
         config=config.source,
-        pipeline=node.hooks.description if node.hooks else None,
+        pipeline="ready" if node.hooks else "waiting (model not loaded)",
+        destinations=[d.name for d in config.destinations],
     )
     while not stop.wait(0.5):
         pass

@@ -99,7 +99,7 @@ def _truncated_element(ds: pydicom.Dataset) -> str | None:
     pydicom reads a cut-off stream without complaint, leaving the last value short; a dataset
     truncated in transit (or garbage after the file meta) shows up here.
     """
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts its raw elements)
         raw = ds.get_item(tag)
         if isinstance(raw, RawDataElement) and raw.value is not None:
             declared = raw.length

@@ -18,7 +18,7 @@ from pynetdicom import AE
 from node.config import CallerConfig, Config, HttpConfig, LoggingConfig, NodeSection
 from node.logs import configure_logging
 from node.serve import Node
-from node.worker import PipelineHooks
+from node.worker import AnalyseFile
 
 SHARED_DICOM = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "dicom"
 NODE_AE = "SHADOWSPOT"
@@ -140,10 +140,10 @@ def start_node(tmp_path: Path) -> Iterator[StartNode]:
     started: list[Node] = []
 
     def start(
-        config: Config | None = None, *, hooks: PipelineHooks | None = None, **node: Any
+        config: Config | None = None, *, analyse_file: AnalyseFile | None = None, **node: Any
     ) -> Node:
         config = config or make_config(tmp_path / f"var{len(started)}", **node)
-        running = Node(config, hooks=hooks)
+        running = Node(config, analyse_file=analyse_file)
         running.start()
         started.append(running)
         return running

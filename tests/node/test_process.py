@@ -13,19 +13,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom import uid
 
 from node.cli import main
 from node.dimse import Status
-from tests.node.conftest import NODE_AE, StartNode, make_image, scu
+from tests.node.conftest import NODE_AE, StartNode, make_image, needs_dcmtk, scu, shared_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 SHADOWSPOT = Path(sys.executable).parent / "shadowspot"
 TERMINAL = {"waiting_for_pipeline", "done", "failed"}
 
 
-def _write_config(folder: Path, *, quiet: float) -> Path:
+def _write_config(folder: Path, *, quiet: float, model_dir: Path | None = None) -> Path:
+    """A config on ``folder``; without ``model_dir`` it names an empty folder (no pipeline)."""
+    model_dir = model_dir or folder / "no-model"
     path = folder / "shadowspot.toml"
     path.write_text(
         f"""
@@ -39,6 +42,8 @@ min_free_mb = 1
 enabled = false
 [logging]
 format = "json"
+[pipeline]
+model_dir = "{model_dir}"
 """,
         encoding="utf-8",
     )
@@ -105,6 +110,8 @@ def _refused_within(port: int, *, seconds: float) -> bool:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:  # accepted as the listener closed: try again
+            pass
         time.sleep(0.05)
     return False
 
@@ -221,3 +228,34 @@ def test_echo_command(start_node: StartNode, capsys: pytest.CaptureFixture[str])
     assert main(["echo", "--host", "127.0.0.1"]) == 2
     assert "--port" in capsys.readouterr().err
     assert main(["echo", "--destination", "NOWHERE"]) == 2
+
+
+def test_received_radiograph_is_analysed_and_published(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """End to end with the real model: the CR chest sent by storescu becomes a done job and its
+    SEG, SR and presentation state are written under <storage>/results/<study>/."""
+    models = Path(__file__).resolve().parents[2] / "models"
+    if not (models / "manifest.json").is_file():
+        pytest.skip(f"no trained model in {models} (models/manifest.json is absent)")
+    source = shared_file("RG1_UNCI.dcm")
+    storescu = needs_dcmtk("storescu")
+    config = _write_config(tmp_path, quiet=0.2, model_dir=models)
+    servers.append(Server(config, tmp_path / "serve.log"))
+    assert servers[-1].wait_for("node_started")["pipeline"] == "ready"
+    done = subprocess.run(
+        [storescu, "-aec", NODE_AE, "127.0.0.1", str(servers[-1].port), str(source)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    processed = servers[-1].wait_for("study_processed", timeout=120)
+    assert processed["analysed"] == 1
+    db = tmp_path / "var" / "shadowspot.db"
+    assert _rows(db, "SELECT state FROM jobs") == [("done",)]
+    assert _rows(db, "SELECT state FROM instances") == [("analysed",)]
+    study = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
+    written = sorted((tmp_path / "var" / "results" / study).glob("*.dcm"))
+    modalities = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in written}
+    assert {"SEG", "SR", "PR"} <= modalities
+    assert servers[-1].terminate() == 0
