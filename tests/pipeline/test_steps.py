@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import (
     CandidateConfig,
@@ -30,8 +32,9 @@ from pipeline.grey import GreyImage, analyse_distribution
 from pipeline.lung import lung_field, side_and_zone
 from pipeline.model import Channel
 from pipeline.result import FindingGroup, FindingType, Side, Zone
-from pipeline.watershed import merge_regions
+from pipeline.watershed import merge_regions, segment_regions
 from pipeline.window import Preprocessed, Window, WindowSource, preprocess
+from tests.pipeline.conftest import DICOM_DIR, need
 
 SPOT = Channel(
     index=0,
@@ -249,3 +252,56 @@ def test_outer_contour_is_the_boundary_of_the_mask() -> None:
     )
     assert set(contour) == set(zip(*np.nonzero(mask & ~inner), strict=True))
     assert convex_hull_area(mask) >= mask.sum()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    blocks=st.integers(2, 6),
+    constraint=st.floats(0.0, 0.5),
+    threshold=st.floats(0.0, 0.5),
+)
+def test_s321_merge_only_coarsens(
+    seed: int, blocks: int, constraint: float, threshold: float
+) -> None:
+    """Merging only joins whole regions: every original region lands in exactly one merged
+    region, the count never grows, and with zero thresholds nothing merges."""
+    rng = np.random.default_rng(seed)
+    values = rng.random((48, 48)).astype(np.float32)
+    step = 48 // blocks
+    rows, cols = np.mgrid[:48, :48]
+    labels = (
+        np.minimum(rows // step, blocks - 1) * blocks + np.minimum(cols // step, blocks - 1) + 1
+    ).astype(np.int32)
+    count = blocks * blocks
+    merged, merged_count = merge_regions(
+        values,
+        labels,
+        count,
+        WatershedConfig(merge_constraint=constraint, merge_threshold=threshold),
+    )
+    assert 1 <= merged_count <= count and merged.min() >= 1 and merged.max() == merged_count
+    for k in range(1, count + 1):
+        assert np.unique(merged[labels == k]).size == 1
+    _, none = merge_regions(
+        values, labels, count, WatershedConfig(merge_constraint=0.0, merge_threshold=0.0)
+    )
+    assert none == count
+
+
+def test_s311_watershed_on_the_real_radiograph() -> None:
+    """On the real CR chest at working size every pixel gets a region, and the merge reduces
+    the watershed's over-segmentation."""
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.dcmread(need(DICOM_DIR / "RG1_UNCI.dcm"))
+    plane = -ds.pixel_array.astype(np.float32)
+    grey = GreyImage(
+        pixels=plane,
+        distribution=analyse_distribution(plane, GreyConfig()),
+        voi_range=None,
+        spacing_mm=None,
+    )
+    pre = preprocess(grey, working_shape=(384, 384), low_percentile=0.5, high_percentile=99.5)
+    regions = segment_regions(pre.working, WatershedConfig(similarity_threshold=0.005))
+    assert regions.labels.shape == (384, 384) and regions.labels.min() >= 1
+    assert 20 <= regions.count < regions.initial_count
