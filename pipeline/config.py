@@ -90,12 +90,18 @@ class CandidateConfig:
     region_weight: float = 0.5
     """Weight of the watershed-region mean in the pooled evidence (the rest is the pixel's
     own probability). 0 = pixel probabilities only."""
-    strategy: Literal["components", "peak_relative"] = "peak_relative"
+    strategy: Literal["components", "peak_relative", "basins"] = "peak_relative"
     """``components``: connected components above the channel threshold. ``peak_relative``:
     each component is re-cut at ``peak_fraction`` × its peak, splitting touching lesions and
-    tightening boxes."""
+    tightening boxes. ``basins``: the area above threshold is first split into one basin per
+    evidence peak (watershed from peaks at least ``basin_depth`` prominent), then each basin
+    is cut at ``peak_fraction`` × its own peak: weaker lesions next to a strong one survive
+    (useful at low thresholds)."""
     peak_fraction: float = 0.5
-    """Relative cut for ``peak_relative``."""
+    """Relative cut for ``peak_relative`` and ``basins``."""
+    basin_depth: float = 0.1
+    """``basins``: how far (in probability) a peak must rise above the saddle to its
+    neighbour to get its own basin."""
     min_area_px: int = 12
     """Candidates smaller than this (working pixels) are dropped."""
     max_candidates: int = 24
@@ -104,6 +110,7 @@ class CandidateConfig:
     def __post_init__(self) -> None:
         _fraction(self.region_weight, "region_weight")
         _fraction(self.peak_fraction, "peak_fraction")
+        _fraction(self.basin_depth, "basin_depth", open_low=True)
         if self.min_area_px < 1 or self.max_candidates < 1:
             raise ValueError("min_area_px and max_candidates must be at least 1")
 

@@ -17,7 +17,12 @@ import numpy.typing as npt
 
 from pipeline.config import CandidateConfig
 from pipeline.geometry import Box
-from pipeline.itk import connected_components
+from pipeline.itk import (
+    connected_components,
+    h_minima_markers,
+    quantise,
+    watershed_from_markers,
+)
 from pipeline.model import Channel
 from pipeline.watershed import Regions
 
@@ -79,17 +84,45 @@ def _components(labels: LabelArray, count: int, values: FloatArray) -> list[tupl
     ]
 
 
+def _basins(evidence: FloatArray, above: BoolArray, depth: float) -> tuple[LabelArray, int]:
+    """The above-threshold area split into one basin per evidence peak at least ``depth``
+    prominent (watershed of the inverted evidence from its h-maxima)."""
+    levels, scale = quantise(np.where(above, 1.0 - evidence, 1.0).astype(np.float32), 1.0)
+    markers = h_minima_markers(levels, max(1, round(depth * scale)))
+    labels = watershed_from_markers(levels, markers)
+    labels[~above] = 0
+    return labels, int(labels.max())
+
+
+def _cut_at_peak_fraction(
+    evidence: FloatArray,
+    above: BoolArray,
+    labels: LabelArray,
+    count: int,
+    threshold: float,
+    fraction: float,
+) -> BoolArray:
+    """Keep, in each labelled area, the pixels at least ``fraction`` × its own peak."""
+    cut = np.full(count + 1, np.inf, dtype=np.float32)
+    for k, _, peak in _components(labels, count, evidence):
+        cut[k] = max(threshold, fraction * peak)
+    return above & (evidence >= cut[labels])
+
+
 def channel_marks(evidence: FloatArray, channel: Channel, config: CandidateConfig) -> list[Mark]:
     """S300: initial anomaly marks of one finding channel from its pooled evidence map."""
     above = evidence >= channel.threshold
     labels, count = connected_components(above)
-    if config.strategy == "peak_relative" and count:
-        comps = _components(labels, count, evidence)
-        cut = np.zeros(count + 1, dtype=np.float32)
-        for k, _, peak in comps:
-            cut[k] = max(channel.threshold, config.peak_fraction * peak)
-        above = above & (evidence >= cut[labels])
-        labels, count = connected_components(above)
+    if config.strategy != "components" and count:
+        if config.strategy == "basins":
+            labels, count = _basins(evidence, above, config.basin_depth)
+        kept = _cut_at_peak_fraction(
+            evidence, above, labels, count, channel.threshold, config.peak_fraction
+        )
+        if config.strategy == "basins":  # neighbouring basins stay apart after the cut
+            kept[:, 1:] &= (labels[:, 1:] == labels[:, :-1]) | (labels[:, :-1] == 0)
+            kept[1:, :] &= (labels[1:, :] == labels[:-1, :]) | (labels[:-1, :] == 0)
+        labels, count = connected_components(kept, full=config.strategy != "basins")
     marks = []
     for k, (r0, c0, r1, c1), peak in _components(labels, count, evidence):
         local = labels[r0:r1, c0:c1] == k

@@ -305,3 +305,27 @@ def test_s311_watershed_on_the_real_radiograph() -> None:
     regions = segment_regions(pre.working, WatershedConfig(similarity_threshold=0.005))
     assert regions.labels.shape == (384, 384) and regions.labels.min() >= 1
     assert 20 <= regions.count < regions.initial_count
+
+
+def test_s300_basins_keep_a_weak_lesion_next_to_a_strong_one() -> None:
+    """At a low threshold a strong and a weak lesion share one component: the peak-relative
+    cut loses the weak one, the basin strategy keeps both with separate boxes."""
+    yy, xx = np.mgrid[:60, :100]
+    strong = np.exp(-((yy - 30) ** 2 + (xx - 30) ** 2) / (2 * 6.0**2))
+    weak = 0.25 * np.exp(-((yy - 30) ** 2 + (xx - 70) ** 2) / (2 * 6.0**2))
+    evidence = (np.maximum(strong, weak) + 0.15 * (abs(yy - 30) < 4)).clip(0, 1).astype(np.float32)
+    low = Channel(
+        index=0,
+        name="spot",
+        kind="finding",
+        group=FindingGroup.SPOT,
+        finding_type=FindingType.NODULE,
+        threshold=0.1,
+    )
+    peak = channel_marks(evidence, low, CandidateConfig(strategy="peak_relative"))
+    basins = channel_marks(evidence, low, CandidateConfig(strategy="basins", basin_depth=0.1))
+    assert len(peak) == 1
+    assert len(basins) == 2
+    right = max(basins, key=lambda m: m.box[1])
+    assert right.box[1] <= 70 < right.box[3] and right.probability == pytest.approx(0.4, abs=0.05)
+    assert min(basins, key=lambda m: m.box[1]).box[3] <= right.box[1]
