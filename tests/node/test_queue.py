@@ -11,7 +11,7 @@ from pydicom import uid
 
 from node.dimse import Status
 from node.queue import InstanceHeader, InstanceState, JobState, Queue
-from tests.node.conftest import NODE_AE, StartNode, make_image, scu
+from tests.node.conftest import NODE_AE, StartNode, make_config, make_image, scu
 
 T0 = 1_800_000_000.0
 
@@ -142,3 +142,19 @@ def test_node_groups_a_study_after_its_quiet_period(start_node: StartNode) -> No
     assert set(jobs) == {study_a, study_b}
     assert len(node.queue.instances_of(jobs[study_a].id)) == 2
     assert len(node.queue.instances_of(jobs[study_b].id)) == 1
+
+
+def test_spooled_file_without_a_row_is_adopted_at_start(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    """A file a crash left in the spool after its rename but before its database row is
+    recorded at the next start, once, and grouped like any other instance."""
+    storage = tmp_path / "var"
+    ds = make_image()
+    orphan = storage / "spool" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    orphan.parent.mkdir(parents=True)
+    ds.save_as(orphan, enforce_file_format=True)
+    node = start_node(make_config(storage, study_quiet_seconds=0.1))
+    (row,) = node.queue.instances()
+    assert row.sop_instance_uid == ds.SOPInstanceUID and row.path == orphan
+    assert node.adopt_orphans() == 0  # known now: never adopted twice
