@@ -7,7 +7,8 @@
 
 1. the result UIDs of the source instance are read from the ``results`` table (generated and
    stored on first use), so a retry rebuilds the same objects instead of duplicates;
-2. SEG, SR and GSPS are built (``node.encode``) and written atomically to
+2. SEG, SR and GSPS (and, with ``[export] secondary_capture``, a Secondary Capture of the
+   picture ``shadowspot analyze`` draws) are built (``node.encode``) and written atomically to
    ``<storage>/results/<StudyInstanceUID>/<kind>-<SOPInstanceUID>.dcm``;
 3. if the calling AE has a ``send_results_to`` destination, one delivery per object is queued
    for it (``node.deliveries``) and the exporter is woken; otherwise the files just stay;
@@ -22,9 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from node.alerts import Alert, AlertNotifier
+from node.analyze import render
 from node.config import Config
 from node.deliveries import DeliveryStore, NewDelivery
 from node.encode import EncodedObject, ObjectKind, Producer, encode_results
@@ -78,6 +82,13 @@ def producer_for(config: Config, result: AnalysisResult) -> Producer:
     )
 
 
+def burned_in_picture(config: Config, result: AnalysisResult) -> npt.NDArray[np.uint8]:
+    """The Secondary Capture's picture: enhanced image, grade-coloured contours with labels,
+    legend bar (the first frame of ``shadowspot analyze``'s PNG), as RGB bytes."""
+    frame = render(result, config.pipeline.grading)[0]
+    return np.asarray(frame.convert("RGB"), dtype=np.uint8)
+
+
 def publish(
     *,
     source: Dataset,
@@ -100,6 +111,7 @@ def publish(
         producer=producer_for(config, result),
         segmentation_type=config.export.segmentation_type,
         presentation_state=config.export.presentation_state,
+        burned_in=burned_in_picture(config, result) if config.export.secondary_capture else None,
     )
     folder = results_folder(config, study_uid)
     paths = [_write(folder, obj) for obj in objects]

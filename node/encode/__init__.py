@@ -1,8 +1,9 @@
-"""Result objects for one analysed image: findings + source header → SEG, TID 1500 SR, GSPS.
+"""Result objects for one analysed image: findings + source header → SEG, TID 1500 SR, GSPS
+and, optionally, a Secondary Capture with the overlay burned in.
 
 ``encode_results`` is the one entry point (``node.results.publish`` calls it); the modules
-``seg``, ``sr`` and ``gsps`` each build one object kind with highdicom, ``codes`` holds the
-coded concepts and ``common`` what they share (equipment, algorithm, UIDs, labels).
+``seg``, ``sr``, ``gsps`` and ``sc`` each build one object kind with highdicom, ``codes``
+holds the coded concepts and ``common`` what they share (equipment, algorithm, UIDs, labels).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from node.encode.common import ObjectUIDs, Producer, ResultUIDs, check_source
 from node.encode.gsps import build_gsps
+from node.encode.sc import build_sc
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from pipeline.result import AnalysisResult
@@ -23,11 +27,13 @@ __all__ = ["EncodedObject", "ObjectKind", "ObjectUIDs", "Producer", "ResultUIDs"
 
 
 class ObjectKind(StrEnum):
-    """The kinds of result object; values are the DICOM Modality of each."""
+    """The kinds of result object; values are the DICOM Modality of each, except ``SC``
+    (Secondary Capture, Modality "OT")."""
 
     SEG = "SEG"
     SR = "SR"
     PR = "PR"
+    SC = "SC"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,9 +60,11 @@ def encode_results(
     producer: Producer,
     segmentation_type: Literal["binary", "fractional"] = "binary",
     presentation_state: bool = True,
+    burned_in: npt.NDArray[np.uint8] | None = None,
 ) -> list[EncodedObject]:
     """Build the objects for one image: always an SR; with findings also a SEG and (unless
-    disabled) a GSPS. Raises ``EncodeError`` when an object cannot be built."""
+    disabled) a GSPS; with ``burned_in`` (the rendered RGB picture) also a Secondary
+    Capture, findings or not. Raises ``EncodeError`` when an object cannot be built."""
     check_source(source, result.shape)
     objects = [
         EncodedObject(
@@ -76,4 +84,7 @@ def encode_results(
         if presentation_state:
             pr = build_gsps(source=source, result=result, uids=uids, producer=producer)
             objects.append(EncodedObject(kind=ObjectKind.PR, dataset=pr))
+    if burned_in is not None:
+        sc = build_sc(source=source, picture=burned_in, uids=uids, producer=producer)
+        objects.append(EncodedObject(kind=ObjectKind.SC, dataset=sc))
     return objects

@@ -100,6 +100,7 @@ FINDING_ABSENT = Code("373572006", "SCT", "Clinical finding absent")
 PROBABILITY = Code("122157", "DCM", "Probability")
 AREA = Code("42798000", "SCT", "Area")
 COMMENT = Code("121106", "DCM", "Comment")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
 UNIT_NONE = Code("1", "UCUM", "no units")
 

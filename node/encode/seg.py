@@ -10,6 +10,14 @@ are therefore set on the built object, and only for sources without a Frame of R
 * Plane Orientation Sequence in the Shared Functional Groups with the identity in-plane
   orientation cornerstone3D assumes for the radiograph itself: OHIF 3.13's SEG loader reads
   it and fails without it, so the overlay would never show.
+
+Transfer syntax: a BINARY SEG packs 8 pixels per byte across frame boundaries in the native
+(uncompressed) encoding, so when rows × columns is not a multiple of 8 every frame after the
+first starts mid-byte and cannot be served on its own (Orthanc 1.10's DICOMweb ``/frames/N``
+answers 400 for it, and OHIF fetches SEG frames one by one). Such SEGs with more than one
+frame are encoded in JPEG 2000 Lossless — the one encapsulated transfer syntax highdicom
+allows for BINARY — where each frame is its own fragment. Other SEGs stay Explicit VR Little
+Endian, which every receiver accepts.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node.encode import codes as sc
 from node.encode.common import ObjectUIDs, Producer, ResultUIDs, cielab, tracking_id
@@ -66,6 +75,16 @@ def _pixel_array(
     return (masks * probabilities).astype(np.float32)
 
 
+def transfer_syntax(
+    rows: int, columns: int, frames: int, kind: Literal["binary", "fractional"]
+) -> UID:
+    """Explicit VR Little Endian, unless bit-packed frames would not start on a byte boundary
+    (BINARY, more than one frame, rows × columns not a multiple of 8): JPEG 2000 Lossless."""
+    if kind == "binary" and frames > 1 and (rows * columns) % 8 != 0:
+        return JPEG2000Lossless
+    return ExplicitVRLittleEndian
+
+
 def build_seg(
     *,
     source: Dataset,
@@ -105,6 +124,9 @@ def build_seg(
             content_description=f"{producer.algorithm_name} {producer.model_version}"[:64],
             contributing_equipment=producer.contributing_equipment(),
             omit_empty_frames=False,
+            transfer_syntax_uid=transfer_syntax(
+                result.shape[0], result.shape[1], len(result.findings), segmentation_type
+            ),
         )
     except (ValueError, TypeError) as exc:
         raise EncodeError(f"SEG could not be built: {exc}") from exc
@@ -138,6 +160,8 @@ def pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence:
 
 
 def _add_projection_geometry(seg: hd.seg.Segmentation, source: Dataset) -> None:
+    # Neither value is a highdicom argument for a source without a Frame of Reference (see
+    # the module docstring); both are set here and nowhere else.
     seg.PatientOrientation = list(source.get("PatientOrientation", None) or [])
     orientation = Dataset()
     orientation.ImageOrientationPatient = _IDENTITY_ORIENTATION

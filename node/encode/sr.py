@@ -10,9 +10,15 @@ measurement panel (see ``../shared/tools/viewer-check/README.md``):
 * a Comment TEXT (121106) with type, grade and probability, which is what OHIF's panel shows.
 
 The coded items (finding type, finding site with laterality and zone, probability, severity,
-grade, alert) are there for every other reader. Image-level evaluations — finding present or
-absent, the highest grade, the alert flag — go into a last, image-level group that exists even
-when nothing was found.
+grade, alert) are there for every other reader.
+
+Study-level evaluations — finding present or absent, the highest grade, the alert flag and a
+one-line summary — go into TID 1500's own "Qualitative Evaluations" container (row 12), which
+highdicom does not build, so it is appended to the report it built. They must not be a
+measurement group without a region: OHIF 3.13 walks the groups from the last one and stops at
+the first without coordinates (``coords[0]`` of an empty list), so no finding would load.
+highdicom requires at least one measurement group, so an image with no findings gets one
+image-level TID 1501 group stating "Clinical finding absent" for the source image.
 """
 
 from __future__ import annotations
@@ -98,34 +104,45 @@ def summary_text(result: AnalysisResult) -> str:
     return f"{len(result.findings)} finding(s); highest grade {result.highest_grade}.{alert}"
 
 
-def _image_group(
+def _study_evaluations(result: AnalysisResult) -> list[hd.sr.CodeContentItem]:
+    """Finding present or absent, the highest grade (severity and grade), the alert flag."""
+    pairs = [(sc.FINDING, sc.FINDING_PRESENT if result.findings else sc.FINDING_ABSENT)]
+    if result.highest_grade is not None:
+        pairs.append((sc.SEVERITY, sc.severity_code(result.highest_grade)))
+        pairs.append((sc.GRADE, sc.grade_code(result.highest_grade)))
+    pairs.append((sc.ALERT, sc.yes_no(result.alert)))
+    return [
+        hd.sr.CodeContentItem(
+            name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        for name, value in pairs
+    ]
+
+
+def _qualitative_evaluations(result: AnalysisResult) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: the study-level evaluations (rows 13, CODE, and 14, TEXT)."""
+    container = hd.sr.ContainerContentItem(
+        name=sc.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [*_study_evaluations(result), _text(sc.COMMENT, summary_text(result))]
+    )
+    return container
+
+
+def _no_findings_group(
     source: Dataset, result: AnalysisResult, uids: ResultUIDs, producer: Producer
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The image-level evaluation: finding present or absent, highest grade, alert flag.
-
-    TID 1500's own "Qualitative Evaluations" container (row 12) would also fit, but highdicom
-    requires at least one measurement group; an image-level TID 1501 group (no region,
-    the whole source image) also exists when there is no finding at all."""
-    evaluations = [
-        hd.sr.QualitativeEvaluation(
-            sc.FINDING, sc.FINDING_PRESENT if result.findings else sc.FINDING_ABSENT
-        )
-    ]
-    if result.highest_grade is not None:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(sc.SEVERITY, sc.severity_code(result.highest_grade))
-        )
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(sc.GRADE, sc.grade_code(result.highest_grade))
-        )
-    evaluations.append(hd.sr.QualitativeEvaluation(sc.ALERT, sc.yes_no(result.alert)))
+    """The image-level TID 1501 group of an image without findings (highdicom requires at
+    least one group): "Clinical finding absent" for the whole source image."""
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.image_tracking_uid(), identifier=IMAGE_LEVEL_IDENTIFIER
         ),
         algorithm_id=producer.sr_algorithm_id(),
         finding_sites=[hd.sr.FindingSite(anatomic_location=sc.LUNG)],
-        qualitative_evaluations=evaluations,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(sc.FINDING, sc.FINDING_ABSENT)],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
     group[0].ContentSequence.append(_text(sc.COMMENT, summary_text(result)))
@@ -163,13 +180,16 @@ def build_sr(
     """Build the TID 1500 report for ``result`` (findings or none) on ``source``."""
     try:
         groups = [_group(i, f, source, uids, producer) for i, f in enumerate(result.findings)]
-        groups.append(_image_group(source, result, uids, producer))
+        if not groups:
+            groups.append(_no_findings_group(source, result, uids, producer))
         report = hd.sr.MeasurementReport(
             observation_context=_observer(producer),
             procedure_reported=sc.PLAIN_CHEST_XRAY,
             imaging_measurements=groups,
             referenced_images=[source] if _library_describable(source) else None,
         )
+        # Row 12 comes after the Imaging Measurements container (row 6).
+        report[0].ContentSequence.append(_qualitative_evaluations(result))
         return hd.sr.Comprehensive3DSR(
             evidence=[source],
             content=report[0],

@@ -12,9 +12,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node import __version__
 from node.encode import ObjectKind, Producer, ResultUIDs, encode_results
+from node.encode.seg import transfer_syntax
 from node.encode.sr import CORNERSTONE_FREEHAND, IMAGE_LEVEL_IDENTIFIER
 from node.errors import EncodeError
 from pipeline.result import AnalysisResult
@@ -150,8 +153,8 @@ def test_sr_groups_are_hydratable_by_ohif_and_share_the_seg_tracking_uids(source
     objects = _build(source, two_findings(source))
     sr, seg = objects[ObjectKind.SR], objects[ObjectKind.SEG]
     groups = _groups(sr)
-    assert len(groups) == 3  # two findings + the image-level evaluation
-    for group, segment in zip(groups[:2], seg.SegmentSequence, strict=True):
+    assert len(groups) == 2  # one per finding; study-level evaluations are elsewhere
+    for group, segment in zip(groups, seg.SegmentSequence, strict=True):
         ident = _items(group, "112039")[0].TextValue
         uid = _items(group, "112040")[0].UID
         assert ident.startswith(CORNERSTONE_FREEHAND + ":")
@@ -188,19 +191,39 @@ def test_sr_groups_are_hydratable_by_ohif_and_share_the_seg_tracking_uids(source
     assert values["GRADE"] == "G3" and values["ALERT"] == "373066001"
 
 
-def test_sr_says_highest_grade_and_alert_at_image_level() -> None:
-    """The image-level group carries finding present, the highest grade and the alert."""
-    source = generated_cr()
-    sr = _build(source, two_findings(source))[ObjectKind.SR]
-    image_group = _groups(sr)[-1]
-    assert _items(image_group, "112039")[0].TextValue == IMAGE_LEVEL_IDENTIFIER
-    values = {
+def _study_evaluations(sr: Dataset) -> Dataset:
+    """TID 1500 row 12, the Qualitative Evaluations container, after Imaging Measurements."""
+    codes = [i.ConceptNameCodeSequence[0].CodeValue for i in sr.ContentSequence]
+    assert codes.index("C0034375") > codes.index("126010")
+    return sr.ContentSequence[codes.index("C0034375")]
+
+
+def _code_values(item: Dataset) -> dict[str, str]:
+    return {
         i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
-        for i in image_group.ContentSequence
+        for i in item.ContentSequence
         if i.ValueType == "CODE"
     }
-    assert values["121071"] == "373573001" and values["GRADE"] == "G3"
-    assert values["ALERT"] == "373066001"
+
+
+def test_sr_says_highest_grade_and_alert_at_study_level() -> None:
+    """TID 1500's Qualitative Evaluations: finding present, the highest grade (severity and
+    grade), the alert and a summary; every measurement group has a region (OHIF stops at the
+    first group without one)."""
+    source = generated_cr()
+    sr = _build(source, two_findings(source))[ObjectKind.SR]
+    evaluations = _study_evaluations(sr)
+    assert evaluations.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
+    values = _code_values(evaluations)
+    assert values == {
+        "121071": "373573001",
+        "246112005": "24484000",
+        "GRADE": "G3",
+        "ALERT": "373066001",
+    }
+    assert "highest grade 3" in _items(evaluations, "121106")[0].TextValue
+    for group in _groups(sr):
+        assert _items(group, "112039")[0].TextValue != IMAGE_LEVEL_IDENTIFIER
     assert sr.CompletionFlag == "COMPLETE"
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99SHSP"
 
@@ -210,14 +233,14 @@ def test_an_image_without_findings_gets_only_an_sr_saying_so() -> None:
     source = generated_cr()
     objects = _build(source, result_of((source.Rows, source.Columns), (), 0.7))
     assert set(objects) == {ObjectKind.SR}
-    group = _groups(objects[ObjectKind.SR])[0]
-    values = {
-        i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
-        for i in group.ContentSequence
-        if i.ValueType == "CODE"
-    }
-    assert values == {"121071": "373572006", "363698007": "39607008", "ALERT": "373067005"}
+    sr = objects[ObjectKind.SR]
+    (group,) = _groups(sr)
+    assert _items(group, "112039")[0].TextValue == IMAGE_LEVEL_IDENTIFIER
+    assert _code_values(group) == {"121071": "373572006", "363698007": "39607008"}
     assert "No shadows or spots" in _items(group, "121106")[0].TextValue
+    evaluations = _study_evaluations(sr)
+    assert _code_values(evaluations) == {"121071": "373572006", "ALERT": "373067005"}
+    assert "No shadows or spots" in _items(evaluations, "121106")[0].TextValue
 
 
 def test_gsps_draws_each_contour_in_its_grade_colour_with_a_label() -> None:
@@ -268,12 +291,18 @@ def test_findings_in_another_grid_are_refused() -> None:
         encode_results(source=source, result=other, uids=ResultUIDs.new(), producer=PRODUCER)
 
 
-@pytest.mark.parametrize("kind", [ObjectKind.SEG, ObjectKind.SR, ObjectKind.PR])
+def _picture(source: Dataset) -> np.ndarray:
+    """An RGB picture the size ``shadowspot analyze`` renders: the image plus a legend bar."""
+    rng = np.random.default_rng(5)
+    return rng.integers(0, 256, (int(source.Rows) + 40, int(source.Columns), 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("kind", [ObjectKind.SEG, ObjectKind.SR, ObjectKind.PR, ObjectKind.SC])
 def test_every_object_passes_dciodvfy_without_errors(
     source: Dataset, kind: ObjectKind, tmp_path: Path
 ) -> None:
     """dciodvfy (dicom3tools) reports zero errors for each object kind."""
-    ds = _build(source, two_findings(source))[kind]
+    ds = _build(source, two_findings(source), burned_in=_picture(source))[kind]
     path = tmp_path / f"{kind}.dcm"
     ds.save_as(path, enforce_file_format=True)
     errors, _ = dciodvfy(path)
@@ -288,3 +317,70 @@ def test_no_findings_sr_passes_dciodvfy(tmp_path: Path) -> None:
     objects[ObjectKind.SR].save_as(path, enforce_file_format=True)
     errors, _ = dciodvfy(path)
     assert errors == []
+
+
+def test_binary_seg_frames_not_on_byte_boundaries_are_encapsulated_one_per_fragment() -> None:
+    """RG1 is 1955 × 1841 (not a multiple of 8 pixels): bit-packed native frames after the
+    first would start mid-byte, so the binary SEG is JPEG 2000 Lossless with one fragment
+    per frame, each decoding on its own to its finding's mask."""
+    source = rg1()
+    result = two_findings(source)
+    seg = _build(source, result)[ObjectKind.SEG]
+    assert seg.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert seg.SegmentationType == "BINARY" and seg.BitsAllocated == 1
+    fragments = list(generate_frames(seg.PixelData, number_of_frames=2))
+    assert len(fragments) == 2
+    frames = _frames(seg)
+    for number, finding in enumerate(result.findings, start=1):
+        assert np.array_equal(frames[number].astype(bool), finding.mask)
+
+
+def test_seg_transfer_syntax_is_native_where_frames_are_byte_aligned() -> None:
+    """Native Explicit VR Little Endian for byte-aligned frames, a single frame, or
+    fractional (8-bit) SEGs; JPEG 2000 Lossless only for misaligned multi-frame binary."""
+    source = generated_cr()  # 480 × 400: a multiple of 8
+    assert _build(source, two_findings(source))[ObjectKind.SEG].file_meta.TransferSyntaxUID == (
+        ExplicitVRLittleEndian
+    )
+    assert transfer_syntax(1955, 1841, 2, "binary") == JPEG2000Lossless
+    assert transfer_syntax(1955, 1841, 1, "binary") == ExplicitVRLittleEndian
+    assert transfer_syntax(1955, 1841, 2, "fractional") == ExplicitVRLittleEndian
+    assert transfer_syntax(1024, 1024, 3, "binary") == ExplicitVRLittleEndian
+
+
+def test_secondary_capture_is_the_rgb_picture_in_its_own_series(source: Dataset) -> None:
+    """burned_in → an RGB Secondary Capture of exactly that picture, same study and patient,
+    its own series, orientation copied, marked as having burned-in annotation."""
+    picture = _picture(source)
+    objects = _build(source, two_findings(source), burned_in=picture)
+    sc = objects[ObjectKind.SC]
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    assert np.array_equal(sc.pixel_array, picture)
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PatientID == source.PatientID
+    assert sc.SeriesInstanceUID not in {
+        source.SeriesInstanceUID,
+        *(o.SeriesInstanceUID for k, o in objects.items() if k is not ObjectKind.SC),
+    }
+    assert list(sc.PatientOrientation) == list(source.PatientOrientation)
+    assert sc.BurnedInAnnotation == "YES" and sc.ConversionType == "WSD"
+    assert sc.Manufacturer == "ShadowSpot"
+
+
+def test_secondary_capture_also_for_an_image_without_findings() -> None:
+    """The burned-in picture is sent findings or not (its legend says "no findings")."""
+    source = generated_cr()
+    empty = result_of((source.Rows, source.Columns), (), 0.7)
+    objects = _build(source, empty, burned_in=_picture(source))
+    assert set(objects) == {ObjectKind.SR, ObjectKind.SC}
+
+
+def test_secondary_capture_needs_the_source_orientation_and_an_rgb_picture() -> None:
+    source = generated_cr()
+    result = two_findings(source)
+    with pytest.raises(EncodeError, match="RGB"):
+        _build(source, result, burned_in=_picture(source)[..., 0])
+    del source.PatientOrientation
+    with pytest.raises(EncodeError, match="Patient Orientation"):
+        _build(source, result, burned_in=_picture(source))
