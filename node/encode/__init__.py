@@ -21,6 +21,8 @@ from node.encode.gsps import build_gsps
 from node.encode.sc import build_sc
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
+from node.errors import EncodeError
+from node.logs import get_logger
 from pipeline.result import AnalysisResult
 
 __all__ = ["EncodedObject", "ObjectKind", "ObjectUIDs", "Producer", "ResultUIDs", "encode_results"]
@@ -64,7 +66,8 @@ def encode_results(
 ) -> list[EncodedObject]:
     """Build the objects for one image: always an SR; with findings also a SEG and (unless
     disabled) a GSPS; with ``burned_in`` (the rendered RGB picture) also a Secondary
-    Capture, findings or not. Raises ``EncodeError`` when an object cannot be built."""
+    Capture, findings or not (left out, with a warning, when the source cannot have one).
+    Raises ``EncodeError`` when SEG, SR or GSPS cannot be built."""
     check_source(source, result.shape)
     objects = [
         EncodedObject(
@@ -85,6 +88,10 @@ def encode_results(
             pr = build_gsps(source=source, result=result, uids=uids, producer=producer)
             objects.append(EncodedObject(kind=ObjectKind.PR, dataset=pr))
     if burned_in is not None:
-        sc = build_sc(source=source, picture=burned_in, uids=uids, producer=producer)
-        objects.append(EncodedObject(kind=ObjectKind.SC, dataset=sc))
+        try:
+            sc = build_sc(source=source, picture=burned_in, uids=uids, producer=producer)
+        except EncodeError as exc:  # optional extra: the other objects still go out
+            get_logger("node.encode").warning("secondary_capture_skipped", error=str(exc))
+        else:
+            objects.append(EncodedObject(kind=ObjectKind.SC, dataset=sc))
     return objects

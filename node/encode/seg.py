@@ -11,24 +11,29 @@ are therefore set on the built object, and only for sources without a Frame of R
   orientation cornerstone3D assumes for the radiograph itself: OHIF 3.13's SEG loader reads
   it and fails without it, so the overlay would never show.
 
-Transfer syntax: a BINARY SEG packs 8 pixels per byte across frame boundaries in the native
-(uncompressed) encoding, so when rows × columns is not a multiple of 8 every frame after the
-first starts mid-byte and cannot be served on its own (Orthanc 1.10's DICOMweb ``/frames/N``
-answers 400 for it, and OHIF fetches SEG frames one by one). Such SEGs with more than one
-frame are encoded in JPEG 2000 Lossless — the one encapsulated transfer syntax highdicom
-allows for BINARY — where each frame is its own fragment. Other SEGs stay Explicit VR Little
-Endian, which every receiver accepts.
+Encoding of binary masks: a BINARY SEG packs 8 pixels per byte across frame boundaries in
+the native encoding, so when rows × columns is not a multiple of 8 every frame after the first
+starts mid-byte and cannot be served on its own: Orthanc 1.10's DICOMweb ``/frames/N``
+answers 400 "Bad file format" for it, and OHIF fetches SEG frames one by one, so the overlay
+never shows. JPEG 2000 Lossless, the one encapsulated transfer syntax highdicom allows for
+BINARY, does not help (Orthanc answers the same for 1-bit JPEG 2000 frames). Such SEGs (more
+than one segment, frames not byte-aligned) are therefore written as FRACTIONAL with
+Segmentation Fractional Type OCCUPANCY whose pixels are only 0 or the Maximum Fractional Value
+(255) — the same masks, one byte per pixel, standard-conformant, and read by OHIF 3.13 as
+binary ("pseudo-binary fractional") — in RLE Lossless, so that a 2000² frame is some 60 kB
+instead of 4 MB. Every other binary SEG is BINARY in Explicit VR Little Endian.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from node.encode import codes as sc
 from node.encode.common import ObjectUIDs, Producer, ResultUIDs, cielab, tracking_id
@@ -65,24 +70,52 @@ def _segment(
 
 
 def _pixel_array(
-    result: AnalysisResult, kind: Literal["binary", "fractional"]
+    result: AnalysisResult, kind: Literal["binary", "fractional"], seg_encoding: SegEncoding
 ) -> npt.NDArray[np.generic]:
-    """(1 frame, rows, columns, segments): booleans, or probabilities inside each mask."""
+    """(1 frame, rows, columns, segments): booleans for BINARY, 0.0/1.0 for OCCUPANCY, or
+    probabilities inside each mask."""
     masks = np.stack([f.mask for f in result.findings], axis=-1)[None]
     if kind == "binary":
-        return masks
+        if seg_encoding.segmentation_type is hd.seg.SegmentationTypeValues.BINARY:
+            return masks
+        return masks.astype(np.float32)
     probabilities = np.array([f.probability for f in result.findings], dtype=np.float32)
     return (masks * probabilities).astype(np.float32)
 
 
-def transfer_syntax(
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegEncoding:
+    """How the masks are written: SEG type, fractional type, transfer syntax."""
+
+    segmentation_type: hd.seg.SegmentationTypeValues
+    fractional_type: hd.seg.SegmentationFractionalTypeValues
+    transfer_syntax_uid: UID
+
+
+def encoding(
     rows: int, columns: int, frames: int, kind: Literal["binary", "fractional"]
-) -> UID:
-    """Explicit VR Little Endian, unless bit-packed frames would not start on a byte boundary
-    (BINARY, more than one frame, rows × columns not a multiple of 8): JPEG 2000 Lossless."""
-    if kind == "binary" and frames > 1 and (rows * columns) % 8 != 0:
-        return JPEG2000Lossless
-    return ExplicitVRLittleEndian
+) -> SegEncoding:
+    """BINARY/Explicit VR Little Endian for binary masks whose bit-packed frames start on a
+    byte boundary (or a single frame); FRACTIONAL OCCUPANCY (0 or max)/RLE Lossless for the
+    other binary masks; FRACTIONAL PROBABILITY/Explicit VR Little Endian when configured."""
+    fractional = hd.seg.SegmentationTypeValues.FRACTIONAL
+    if kind == "fractional":
+        return SegEncoding(
+            segmentation_type=fractional,
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+    if frames > 1 and (rows * columns) % 8 != 0:
+        return SegEncoding(
+            segmentation_type=fractional,
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
+            transfer_syntax_uid=RLELossless,
+        )
+    return SegEncoding(
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,  # not written
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
 
 
 def build_seg(
@@ -97,17 +130,15 @@ def build_seg(
     if not result.findings:
         raise EncodeError("a segmentation needs at least one finding")
     own: ObjectUIDs = uids.seg
-    seg_type = (
-        hd.seg.SegmentationTypeValues.BINARY
-        if segmentation_type == "binary"
-        else hd.seg.SegmentationTypeValues.FRACTIONAL
-    )
+    rows, columns = result.shape
+    seg_encoding = encoding(rows, columns, len(result.findings), segmentation_type)
     try:
         seg = hd.seg.Segmentation(
             source_images=[source],
             pixel_measures=pixel_measures(source),
-            pixel_array=_pixel_array(result, segmentation_type),
-            segmentation_type=seg_type,
+            pixel_array=_pixel_array(result, segmentation_type, seg_encoding),
+            segmentation_type=seg_encoding.segmentation_type,
+            fractional_type=seg_encoding.fractional_type,
             segment_descriptions=[
                 _segment(i, f, uids, producer) for i, f in enumerate(result.findings)
             ],
@@ -124,9 +155,7 @@ def build_seg(
             content_description=f"{producer.algorithm_name} {producer.model_version}"[:64],
             contributing_equipment=producer.contributing_equipment(),
             omit_empty_frames=False,
-            transfer_syntax_uid=transfer_syntax(
-                result.shape[0], result.shape[1], len(result.findings), segmentation_type
-            ),
+            transfer_syntax_uid=seg_encoding.transfer_syntax_uid,
         )
     except (ValueError, TypeError) as exc:
         raise EncodeError(f"SEG could not be built: {exc}") from exc

@@ -13,11 +13,12 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from node import __version__
 from node.encode import ObjectKind, Producer, ResultUIDs, encode_results
-from node.encode.seg import transfer_syntax
+from node.encode.sc import build_sc
+from node.encode.seg import encoding
 from node.encode.sr import CORNERSTONE_FREEHAND, IMAGE_LEVEL_IDENTIFIER
 from node.errors import EncodeError
 from pipeline.result import AnalysisResult
@@ -319,33 +320,38 @@ def test_no_findings_sr_passes_dciodvfy(tmp_path: Path) -> None:
     assert errors == []
 
 
-def test_binary_seg_frames_not_on_byte_boundaries_are_encapsulated_one_per_fragment() -> None:
-    """RG1 is 1955 × 1841 (not a multiple of 8 pixels): bit-packed native frames after the
-    first would start mid-byte, so the binary SEG is JPEG 2000 Lossless with one fragment
-    per frame, each decoding on its own to its finding's mask."""
+def test_binary_masks_not_on_byte_boundaries_are_occupancy_in_rle() -> None:
+    """RG1 is 1955 × 1841 (not a multiple of 8 pixels): bit-packed frames after the first
+    would start mid-byte, so the masks are FRACTIONAL OCCUPANCY holding only 0 or the
+    maximum, RLE Lossless with one fragment per frame, each frame equal to its mask."""
     source = rg1()
     result = two_findings(source)
     seg = _build(source, result)[ObjectKind.SEG]
-    assert seg.file_meta.TransferSyntaxUID == JPEG2000Lossless
-    assert seg.SegmentationType == "BINARY" and seg.BitsAllocated == 1
-    fragments = list(generate_frames(seg.PixelData, number_of_frames=2))
-    assert len(fragments) == 2
+    assert seg.file_meta.TransferSyntaxUID == RLELossless
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert seg.SegmentationFractionalType == "OCCUPANCY"
+    assert seg.BitsAllocated == 8 and int(seg.MaximumFractionalValue) == 255
+    assert len(list(generate_frames(seg.PixelData, number_of_frames=2))) == 2
     frames = _frames(seg)
     for number, finding in enumerate(result.findings, start=1):
-        assert np.array_equal(frames[number].astype(bool), finding.mask)
+        assert set(np.unique(frames[number])) == {0, 255}
+        assert np.array_equal(frames[number] == 255, finding.mask)
 
 
-def test_seg_transfer_syntax_is_native_where_frames_are_byte_aligned() -> None:
-    """Native Explicit VR Little Endian for byte-aligned frames, a single frame, or
-    fractional (8-bit) SEGs; JPEG 2000 Lossless only for misaligned multi-frame binary."""
+def test_seg_encoding_is_binary_native_where_frames_are_byte_aligned() -> None:
+    """BINARY in Explicit VR Little Endian for byte-aligned frames or a single frame;
+    configured fractional is PROBABILITY, native."""
     source = generated_cr()  # 480 × 400: a multiple of 8
-    assert _build(source, two_findings(source))[ObjectKind.SEG].file_meta.TransferSyntaxUID == (
-        ExplicitVRLittleEndian
-    )
-    assert transfer_syntax(1955, 1841, 2, "binary") == JPEG2000Lossless
-    assert transfer_syntax(1955, 1841, 1, "binary") == ExplicitVRLittleEndian
-    assert transfer_syntax(1955, 1841, 2, "fractional") == ExplicitVRLittleEndian
-    assert transfer_syntax(1024, 1024, 3, "binary") == ExplicitVRLittleEndian
+    seg = _build(source, two_findings(source))[ObjectKind.SEG]
+    assert seg.SegmentationType == "BINARY"
+    assert seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    binary, occupancy = hd.seg.SegmentationTypeValues.BINARY, "OCCUPANCY"
+    assert encoding(1955, 1841, 1, "binary").segmentation_type is binary
+    assert encoding(1024, 1024, 3, "binary").segmentation_type is binary
+    assert encoding(1955, 1841, 2, "binary").fractional_type.value == occupancy
+    probability = encoding(1955, 1841, 2, "fractional")
+    assert probability.fractional_type.value == "PROBABILITY"
+    assert probability.transfer_syntax_uid == ExplicitVRLittleEndian
 
 
 def test_secondary_capture_is_the_rgb_picture_in_its_own_series(source: Dataset) -> None:
@@ -377,10 +383,15 @@ def test_secondary_capture_also_for_an_image_without_findings() -> None:
 
 
 def test_secondary_capture_needs_the_source_orientation_and_an_rgb_picture() -> None:
+    """build_sc refuses a non-RGB picture and a source without Patient Orientation; then
+    encode_results leaves the Secondary Capture out and still builds the other objects."""
     source = generated_cr()
     result = two_findings(source)
+    uids = ResultUIDs.new()
     with pytest.raises(EncodeError, match="RGB"):
-        _build(source, result, burned_in=_picture(source)[..., 0])
+        build_sc(source=source, picture=_picture(source)[..., 0], uids=uids, producer=PRODUCER)
     del source.PatientOrientation
     with pytest.raises(EncodeError, match="Patient Orientation"):
-        _build(source, result, burned_in=_picture(source))
+        build_sc(source=source, picture=_picture(source), uids=uids, producer=PRODUCER)
+    objects = _build(source, result, burned_in=_picture(source))
+    assert set(objects) == {ObjectKind.SEG, ObjectKind.SR, ObjectKind.PR}

@@ -3,17 +3,26 @@ HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pydicom
 import pytest
 
 from node.alerts import Alert, AlertNotifier
-from node.config import AlertsConfig, CallerConfig, Config, DestinationConfig, NodeSection
+from node.config import (
+    AlertsConfig,
+    CallerConfig,
+    Config,
+    DestinationConfig,
+    ExportConfig,
+    NodeSection,
+)
 from node.deliveries import DeliveryState, DeliveryStore, NewDelivery
 from node.encode import ObjectKind
 from node.results import publish
@@ -55,6 +64,33 @@ def test_publish_writes_the_objects_and_queues_one_delivery_each(tmp_path: Path)
     assert {d.state for d in deliveries} == {DeliveryState.PENDING}
     assert published.destination == "pacs" and published.alert is not None
     assert not list(folder.glob(".tmp-*"))
+
+
+def test_secondary_capture_when_configured_is_written_and_queued(tmp_path: Path) -> None:
+    """[export] secondary_capture = true: a fourth object, an RGB Secondary Capture of the
+    enhanced image with the contours drawn in their grade colours and the legend bar below,
+    queued like the others."""
+    source = generated_cr()
+    result = two_findings(source)
+    config = dataclasses.replace(_config(tmp_path), export=ExportConfig(secondary_capture=True))
+    store = _store(tmp_path)
+    published = publish(
+        source=source, result=result, config=config, store=store, calling_ae="MODALITY"
+    )
+    kinds = [o.kind for o in published.objects]
+    assert kinds == [ObjectKind.SEG, ObjectKind.SR, ObjectKind.PR, ObjectKind.SC]
+    sc_obj = published.objects[-1]
+    sc = pydicom.dcmread(sc_obj.path)
+    assert sc.SOPClassUID == sc_obj.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    pixels = sc.pixel_array
+    scale = sc.Columns // source.Columns
+    assert scale >= 1 and sc.Columns == source.Columns * scale
+    assert sc.Rows > source.Rows * scale  # the legend bar under the image
+    image = pixels[: source.Rows * scale]
+    for finding in result.findings:  # each contour drawn in its own grade colour
+        assert np.all(image == finding.colour, axis=-1).sum() > 50
+    assert sc_obj.sop_instance_uid in {d.sop_instance_uid for d in store.deliveries()}
 
 
 def test_publishing_again_reuses_uids_and_never_duplicates(tmp_path: Path) -> None:
