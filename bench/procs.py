@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -86,6 +87,8 @@ class NodeProcess:
     pipeline: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables of the process (e.g. its own ``TMPDIR``)."""
+    address_space_limit: int | None = None
+    """If set, RLIMIT_AS of the process in bytes (a safety net for tests of memory bombs)."""
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     _log_offset: int = 0
@@ -141,6 +144,7 @@ class NodeProcess:
                 stdout=err,
                 stderr=err,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                preexec_fn=self._limit if self.address_space_limit else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -153,6 +157,10 @@ class NodeProcess:
             time.sleep(0.1)
         self.kill()
         raise ProcessError(f"serve did not start within {timeout} s: {self.tail()}")
+
+    def _limit(self) -> None:
+        assert self.address_space_limit is not None
+        resource.setrlimit(resource.RLIMIT_AS, (self.address_space_limit,) * 2)
 
     def events(self, *, all_runs: bool = False) -> list[dict[str, Any]]:
         """The JSON log events of the current run (or of every run in this folder)."""
