@@ -89,6 +89,7 @@ _PARSE_ERRORS = (
     TypeError,
     NotImplementedError,
     OverflowError,
+    RecursionError,  # sequences nested deeper than the interpreter's recursion limit
 )
 """What pydicom raises on malformed input (translated to Cannot Understand at this boundary)."""
 
@@ -105,6 +106,41 @@ def _truncated_element(ds: pydicom.Dataset) -> str | None:
             declared = raw.length
             if declared != _UNDEFINED_LENGTH and len(raw.value) < declared:
                 return str(tag)
+    return None
+
+
+MAX_IMAGE_SIDE = 10_000
+MAX_FRAME_PIXELS = 40_000_000
+"""The largest frame we accept: twice a 43 × 43 cm detector at 0.1 mm (4300² ≈ 18.5 Mpx).
+A compressed frame decodes to Rows × Columns whatever its size on the wire, so a bigger claim
+would let a few bytes exhaust a worker's memory."""
+
+
+def _pixel_problem(ds: pydicom.Dataset, transfer_syntax: str) -> str | None:
+    """Why the image geometry, or the length of native Pixel Data, cannot be right (or None)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError, OverflowError):
+        return "Rows, Columns, Samples per Pixel, Bits Allocated or Number of Frames is no number"
+    if min(rows, columns, samples, frames) < 1 or bits not in (1, 8, 16, 32, 64):
+        return (
+            f"impossible image geometry: {rows}×{columns}, {samples} samples, "
+            f"{bits} bits allocated, {frames} frames"
+        )
+    if rows > MAX_IMAGE_SIDE or columns > MAX_IMAGE_SIDE or rows * columns > MAX_FRAME_PIXELS:
+        return f"an image of {rows}×{columns} pixels is larger than the node accepts"
+    if pydicom.uid.UID(transfer_syntax).is_encapsulated:
+        return None  # compressed: the decoder checks each frame against Rows × Columns
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    actual = len(ds[_PIXEL_DATA].value)
+    if actual not in (expected, expected + 1):  # + 1: the pad byte of an odd length
+        return (
+            f"Pixel Data has {actual} bytes where Rows × Columns × Samples × Frames × Bits "
+            f"Allocated needs {expected}"
+        )
     return None
 
 
@@ -138,6 +174,9 @@ def inspect(data: bytes, *, sop_class_uid: str, sop_instance_uid: str) -> Instan
         raise IngestError(
             "the image has no Rows/Columns", status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
         )
+    problem = _pixel_problem(ds, transfer_syntax)
+    if problem is not None:
+        raise IngestError(problem, status=Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     if _text(ds, "SOPClassUID") != sop_class_uid:
         raise IngestError(
             "SOP Class UID in the dataset differs from the request",
