@@ -164,6 +164,7 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Listen on the configured host and port; returns the bound (host, port)."""
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
@@ -211,6 +212,17 @@ class StorageSCP:
         log.info("scp_stopped", aborted_associations=len(open_now))
 
     # Association events ------------------------------------------------------------------------
+
+    def _on_connection(self, event: evt.Event) -> None:
+        """Bound every read on this connection by the network timeout.
+
+        pynetdicom leaves accepted sockets blocking and reads a PDU with ``recv`` until it is
+        complete, so a peer that sent part of a PDU and went silent would hold the association
+        thread (and one of ``max_associations``) for ever. With a timeout the read fails and
+        pynetdicom closes the connection."""
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if sock is not None:
+            sock.settimeout(self._config.node.network_timeout_seconds)
 
     def _on_requested(self, event: evt.Event) -> None:
         primitive = event.assoc.requestor.primitive
