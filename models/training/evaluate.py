@@ -185,6 +185,14 @@ def _model_dir_with_thresholds(model_dir: Path, value: float, tmp: Path) -> Path
 # --- scoring -------------------------------------------------------------------------------
 
 
+def normal_studies(records: Sequence[Record]) -> list[bool]:
+    """Normal studies: images without findings from a source whose images all have none
+    (a labelled normal set). An empty image of a lesion source (a COVID image whose
+    lesions were not drawn) is neither normal nor abnormal for the image-level figures."""
+    lesion_sources = {r.source for r in records if not r.normal}
+    return [r.normal and r.source not in lesion_sources for r in records]
+
+
 def _truth(records: Sequence[Record], group: str) -> dict[int, list[M.Box]]:
     return {
         i: [f.box for f in r.findings if GROUP_OF_LABEL.get(f.label) == group]
@@ -257,13 +265,15 @@ def score(
             row["tbx11k_ap30"] = round(M.average_precision(_dets(sweep, g, tbx), tb_truth, 0.3), 4)
         out["groups"][g] = row
     abnormal = np.array([not r.normal for r in records])
+    normal = np.array(normal_studies(records))
+    rated = abnormal | normal
     top = np.array([max((f.probability for f in s.findings), default=0.0) for s in sweep])
-    nih = np.array([r.source in NIH for r in records])
-    out["image_auroc"] = round(M.auroc(top, abnormal), 4)
+    nih = np.array([r.source in NIH for r in records]) & rated
+    out["image_auroc"] = round(M.auroc(top[rated], abnormal[rated]), 4)
     out["image_auroc_nih"] = round(M.auroc(top[nih], abnormal[nih]), 4)
     if operating is None:
         return out
-    normals = [i for i, r in enumerate(records) if r.normal]
+    normals = [i for i in range(n) if normal[i]]
     out["normal_studies"] = len(normals)
     out["normal_with_finding"] = _share(normals, lambda i: bool(operating[i].findings))
     out["normal_with_alert"] = _share(
@@ -390,7 +400,7 @@ def choose_operating_point(
     ``NORMAL_SHARE_PER_CHANNEL`` of the normal studies have a finding of that channel
     (a component exists iff the channel's peak reaches the threshold), from the network."""
     engine = NetworkEngine(model_dir, {}, 0.0)
-    normals = [r for r in records if r.normal]
+    normals = [r for r, normal in zip(records, normal_studies(records), strict=True) if normal]
     if not normals:
         raise SystemExit("no normal studies in this split: cannot choose an operating point")
     peaks = np.array(
@@ -542,8 +552,8 @@ def _worst(
     normals = sorted(
         (
             (max((f.probability for f in s.findings), default=0.0), r.id)
-            for r, s in zip(records, sweep, strict=True)
-            if r.normal
+            for r, s, normal in zip(records, sweep, normal_studies(records), strict=True)
+            if normal
         ),
         reverse=True,
     )[:10]
