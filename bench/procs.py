@@ -234,10 +234,11 @@ class StoreSCP:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
-    def start(self) -> int:
+    def start(self, port: int | None = None) -> int:
+        """Listen on ``port`` (default: a free one); returns the port."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            self.port = free_port()
+        for _ in range(1 if port else 5):
+            self.port = port or free_port()
             args = [dcmtk("storescp"), "+xa", "-aet", self.ae_title, "--output-directory"]
             args += [str(self.folder), *self.extra]
             if self.sort_by_study:

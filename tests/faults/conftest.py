@@ -7,17 +7,19 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import socket
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from pydicom import Dataset, uid
+from pydicom import Dataset, dcmread, uid
 from pydicom.dataset import FileMetaDataset
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 
 from bench.procs import NODE_AE, NodeProcess, StoreSCP
 from node.dimse import VERIFICATION_SOP_CLASS
@@ -58,10 +60,10 @@ def start_storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
     needs_dcmtk()
     started: list[StoreSCP] = []
 
-    def start(name: str = "pacs", **kwargs: Any) -> StoreSCP:
+    def start(name: str = "pacs", port: int | None = None, **kwargs: Any) -> StoreSCP:
         scp = StoreSCP(folder=tmp_path / name, extra=("--unique-filenames",), **kwargs)
         started.append(scp)
-        scp.start()
+        scp.start(port)
         return scp
 
     yield start
@@ -75,9 +77,9 @@ def scu(calling_ae: str = "MODALITY1") -> AE:
     return ae
 
 
-def echo(port: int) -> int | None:
+def echo(port: int, calling_ae: str = "MODALITY1") -> int | None:
     """C-ECHO status from the node, or None when no association could be made."""
-    ae = scu()
+    ae = scu(calling_ae)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
     if not assoc.is_established:
@@ -198,3 +200,43 @@ def files_outside_storage(node: NodeProcess) -> list[Path]:
 
 def events(node: NodeProcess, name: str) -> list[dict[str, Any]]:
     return [e for e in node.events(all_runs=True) if e.get("event") == name]
+
+
+def send_datasets(
+    port: int, datasets: list[Dataset], *, calling_ae: str = "MODALITY1"
+) -> dict[str, int | None]:
+    """C-STORE ``datasets`` over one association; SOP Instance UID → status (None: no answer,
+    or no association)."""
+    ae = scu(calling_ae)
+    for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
+        ae.add_requested_context(sop_class, [uid.ExplicitVRLittleEndian])
+    out: dict[str, int | None] = {str(ds.SOPInstanceUID): None for ds in datasets}
+    with socket.socket() as probe:  # pynetdicom leaks the socket of a refused connection
+        if probe.connect_ex(("127.0.0.1", port)) != 0:
+            return out
+    # pynetdicom 3.0.4 does not close a socket whose peer died (shutdown() raises first):
+    # keep each one from the moment it connects and close it ourselves.
+    opened: list[socket.socket] = []
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: opened.append(event.assoc.dul.socket.socket))]
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE, evt_handlers=handlers)
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                break
+            status = assoc.send_c_store(ds)
+            out[str(ds.SOPInstanceUID)] = int(status.Status) if "Status" in status else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        for sock in opened:
+            sock.close()
+    return out
+
+
+def received_uids(folder: Path) -> Counter[str]:
+    """How often each SOP Instance UID arrived in a storescp folder (unique file names)."""
+    counts: Counter[str] = Counter()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            counts[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
+    return counts
