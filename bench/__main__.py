@@ -162,6 +162,15 @@ def table(results: dict[str, Any]) -> str:
                 )
             )
             rows.append((f"Studies per minute, {label}", _fmt(s.get("studies_per_min")), ""))
+            phases = s.get("phases_median_s", {})
+            if phases:
+                rows.append(
+                    (
+                        f"End to end, {label}: where the time goes (medians)",
+                        ", ".join(f"{k} {v} s" for k, v in phases.items()),
+                        "from the node's log timestamps",
+                    )
+                )
     pipe = results.get("pipeline", {})
     if "error" in pipe:
         rows.append(("Pipeline", "error", pipe["error"]))

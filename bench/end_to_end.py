@@ -22,6 +22,7 @@ that decides a study is complete) is part of the latency and reported with it.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sqlite3
 import statistics
@@ -142,6 +143,38 @@ def _send_studies(
         )
 
 
+PHASES = (
+    ("receive", None, "instance_spooled"),
+    ("wait_quiet", "instance_spooled", "job_formed"),
+    ("analyse_publish", "job_formed", "study_processed"),
+    ("export", "study_processed", None),
+)
+"""Where a study's time goes, from the node's own log events: C-STORE until spooled (network,
+fsync, queue), the quiet period until its job forms, analysis with encoding until the job is
+done, and delivery until the receiver has stored the last object."""
+
+
+def _phases(node: NodeProcess, timings: Sequence[StudyTiming]) -> dict[str, float]:
+    """Median seconds of each phase over ``timings`` (from the node's event timestamps)."""
+    at: dict[tuple[str, str], float] = {}
+    for event in node.events():
+        study, name = event.get("study_instance_uid"), event.get("event")
+        if study and name and (study, name) not in at:
+            stamp = dt.datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+            at[(study, name)] = stamp.timestamp()
+    out: dict[str, float] = {}
+    for phase, start, end in PHASES:
+        values = []
+        for t in timings:
+            begin = t.sent_at if start is None else at.get((t.study_instance_uid, start))
+            finish = t.stored_at if end is None else at.get((t.study_instance_uid, end))
+            if begin is not None and finish is not None:
+                values.append(finish - begin)
+        if values:
+            out[phase] = round(statistics.median(values), 3)
+    return out
+
+
 def _scenario(
     node: NodeProcess,
     watcher: Watcher,
@@ -177,6 +210,7 @@ def _scenario(
             "min_s": round(min(seconds), 3),
             "max_s": round(max(seconds), 3),
             "objects_per_study": round(statistics.mean(t.objects for t in timings), 2),
+            "phases_median_s": _phases(node, timings),
         }
     return summary
 
