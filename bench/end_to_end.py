@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import sqlite3
 import statistics
 import tempfile
@@ -265,6 +266,7 @@ def run(
     finally:
         node.stop()
         receiver.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
