@@ -11,6 +11,7 @@ Progress goes to stderr when more than a few inputs are given. The model is load
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
 
 from node.analysis import Analyser
 from node.config import Config
-from node.decode import DecodeError
+from node.decode import DecodeError, decode
 from node.logs import configure_logging
 from pipeline.config import GradingConfig
 from pipeline.errors import ShadowSpotError
@@ -221,10 +224,20 @@ def _out_stem(path: Path, used: set[str]) -> str:
 
 
 def analyse_path(analyser: Analyser, path: Path, spacing: float | None) -> AnalysisResult:
-    """Analyse one DICOM/PNG/JPEG file."""
+    """Analyse one DICOM/PNG/JPEG file. ``spacing`` (mm) applies to PNG/JPEG, and to DICOM
+    files only when they carry no usable pixel spacing of their own."""
     if path.suffix.lower() in _RASTER:
         return analyser.analyse_image(read_raster(path, spacing))
-    return analyser.analyse_file(path)[1]
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+    if not spacing:
+        return analyser.analyse_dataset(ds)
+    image = decode(ds)
+    if image.spacing_mm is None:
+        image = dataclasses.replace(image, spacing_mm=(spacing, spacing))
+    return analyser.analyse_image(image)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
