@@ -10,10 +10,12 @@ colour data is converted to RGB by pydicom. Any failure is a ``DecodeError`` (an
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 
 from node.errors import NodeError
@@ -78,7 +80,43 @@ def voi_window_of(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return (centre, width)
 
 
+_JPEG_2000 = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+_SOC_SIZ = b"\xff\x4f\xff\x51"
+
+
+def _check_codestreams(ds: pydicom.Dataset) -> None:
+    """Refuse JPEG 2000 frames whose codestream declares another size than Rows × Columns.
+
+    The decoder allocates what the codestream's SIZ marker declares, before pydicom can
+    compare it with the header: a few hundred bytes claiming 30000² pixels would take gigabytes.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or str(meta.get("TransferSyntaxUID", "")) not in _JPEG_2000:
+        return
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+        at = frame.find(_SOC_SIZ)
+        if at < 0 or len(frame) < at + 24:
+            continue  # no SIZ marker where expected: the decoder reports the error
+        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[at + 8 : at + 24])
+        if (ysiz - y0, xsiz - x0) != (rows, columns):
+            raise DecodeError(
+                f"a JPEG 2000 frame declares {ysiz - y0}×{xsiz - x0} pixels, "
+                f"the header {rows}×{columns}"
+            )
+
+
 def _pixels(ds: pydicom.Dataset, photometric: str) -> np.ndarray[Any, Any]:
+    _check_codestreams(ds)
     try:
         if photometric == "PALETTE COLOR":
             from pydicom.pixels.processing import apply_color_lut
