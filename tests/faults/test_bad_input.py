@@ -157,6 +157,10 @@ def mutations() -> list[tuple[str, bytes, str, str]]:
         J2K,
         ds=bomb,
     )
+    hidden = chest_image(rows=64, columns=64)
+    hidden.compress(J2K, encoding_plugin="pylibjpeg")
+    hidden = _siz_bomb(hidden, 30000)  # the header still says 64 × 64
+    add("JPEG 2000 codestream of 30000² under a 64² header", _dataset_bytes(hidden), J2K, ds=hidden)
     ds = chest_image(rows=128, columns=128)
     add("native pixel data in a JPEG 2000 context", _dataset_bytes(ds), J2K, ds=ds)
     ds = chest_image(rows=128, columns=128)
@@ -195,7 +199,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     process.kill()
 
 
-_DECODED_LATER = ("native pixel data in", "corrupt JPEG")
+_DECODED_LATER = ("native pixel data in", "corrupt JPEG", "JPEG 2000 codestream of")
 """Compressed pixel data is only decoded by the worker: these may be accepted, must then fail
 there with a reason."""
 _LENIENT = ("implicit VR bytes in an explicit context",)
