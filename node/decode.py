@@ -89,28 +89,59 @@ _JPEG_2000 = frozenset(
         "1.2.840.10008.1.2.4.203",  # HTJ2K
     }
 )
+_JPEG = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    }
+)
 _SOC_SIZ = b"\xff\x4f\xff\x51"
+_SOF = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+"""JPEG start-of-frame markers (and JPEG-LS SOF55); not DHT, JPG or DAC."""
+
+
+def _declared_size(frame: bytes, transfer_syntax: str) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG 2000 SIZ or JPEG/JPEG-LS SOF marker declares, if found."""
+    if transfer_syntax in _JPEG_2000:
+        at = frame.find(_SOC_SIZ)
+        if at < 0 or len(frame) < at + 24:
+            return None
+        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[at + 8 : at + 24])
+        return ysiz - y0, xsiz - x0
+    at = 2  # after SOI
+    while at + 9 <= len(frame) and frame[at] == 0xFF:
+        if frame[at + 1] in _SOF:
+            rows, columns = struct.unpack(">HH", frame[at + 5 : at + 9])
+            return rows, columns
+        at += 2 + struct.unpack(">H", frame[at + 2 : at + 4])[0]
+    return None
 
 
 def _check_codestreams(ds: pydicom.Dataset) -> None:
-    """Refuse JPEG 2000 frames whose codestream declares another size than Rows × Columns.
+    """Refuse compressed frames whose codestream declares another size than Rows × Columns.
 
-    The decoder allocates what the codestream's SIZ marker declares, before pydicom can
-    compare it with the header: a few hundred bytes claiming 30000² pixels would take gigabytes.
+    The decoders allocate what the codestream declares (JPEG 2000 SIZ, JPEG SOF marker) before
+    pydicom can compare it with the header: a few hundred bytes claiming 30000² pixels would
+    take gigabytes.
     """
     meta = getattr(ds, "file_meta", None)
-    if meta is None or str(meta.get("TransferSyntaxUID", "")) not in _JPEG_2000:
+    syntax = "" if meta is None else str(meta.get("TransferSyntaxUID", ""))
+    if syntax not in _JPEG_2000 and syntax not in _JPEG:
         return
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return  # no usable geometry: the decoder reports that
     for frame in generate_frames(ds.PixelData, number_of_frames=frames):
-        at = frame.find(_SOC_SIZ)
-        if at < 0 or len(frame) < at + 24:
-            continue  # no SIZ marker where expected: the decoder reports the error
-        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[at + 8 : at + 24])
-        if (ysiz - y0, xsiz - x0) != (rows, columns):
+        declared = _declared_size(frame, syntax)
+        if declared is not None and declared != (rows, columns):
             raise DecodeError(
-                f"a JPEG 2000 frame declares {ysiz - y0}×{xsiz - x0} pixels, "
+                f"a compressed frame declares {declared[0]}×{declared[1]} pixels, "
                 f"the header {rows}×{columns}"
             )
 
