@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from pydicom import Dataset, uid
 from pydicom.encaps import encapsulate
 from pynetdicom import build_context
@@ -40,6 +42,7 @@ pytestmark = pytest.mark.network
 CR = uid.ComputedRadiographyImageStorage
 EXPLICIT = uid.ExplicitVRLittleEndian
 J2K = uid.JPEG2000Lossless
+JPEG = uid.JPEGBaseline8Bit
 
 
 def _dataset_bytes(ds: Dataset, *, implicit: bool = False) -> bytes:
@@ -161,6 +164,8 @@ def mutations() -> list[tuple[str, bytes, str, str]]:
     hidden.compress(J2K, encoding_plugin="pylibjpeg")
     hidden = _siz_bomb(hidden, 30000)  # the header still says 64 × 64
     add("JPEG 2000 codestream of 30000² under a 64² header", _dataset_bytes(hidden), J2K, ds=hidden)
+    jpeg = _jpeg_bomb(30000)
+    add("JPEG codestream of 30000² under a 64² header", _dataset_bytes(jpeg), JPEG, ds=jpeg)
     ds = chest_image(rows=128, columns=128)
     add("native pixel data in a JPEG 2000 context", _dataset_bytes(ds), J2K, ds=ds)
     ds = chest_image(rows=128, columns=128)
@@ -168,6 +173,22 @@ def mutations() -> list[tuple[str, bytes, str, str]]:
     ds["PixelData"].VR = "OB"
     add("corrupt JPEG 2000 codestream", _dataset_bytes(ds), J2K, ds=ds)
     return out
+
+
+def _jpeg_bomb(size: int) -> Dataset:
+    """An 8-bit 64² chest whose baseline JPEG frame (by Pillow) has its SOF0 patched to
+    claim ``size``² pixels."""
+    ds = chest_image(rows=64, columns=64)
+    grey = (np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(64, 64) >> 4).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="JPEG")
+    frame = bytearray(buffer.getvalue())
+    sof = frame.index(b"\xff\xc0")
+    frame[sof + 5 : sof + 9] = struct.pack(">HH", size, size)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds["PixelData"].VR = "OB"
+    return ds
 
 
 def _siz_bomb(ds: Dataset, size: int) -> Dataset:
@@ -199,7 +220,12 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     process.kill()
 
 
-_DECODED_LATER = ("native pixel data in", "corrupt JPEG", "JPEG 2000 codestream of")
+_DECODED_LATER = (
+    "native pixel data in",
+    "corrupt JPEG",
+    "JPEG 2000 codestream of",
+    "JPEG codestream",
+)
 """Compressed pixel data is only decoded by the worker: these may be accepted, must then fail
 there with a reason."""
 _LENIENT = ("implicit VR bytes in an explicit context",)
@@ -219,7 +245,7 @@ def test_mutated_datasets_get_clear_statuses(
     a reason, accepted ones end with a reason; the node stays up with bounded memory."""
     cases = mutations()
     ae = scu()
-    ae.requested_contexts = [build_context(CR, [EXPLICIT]), build_context(CR, [J2K])]
+    ae.requested_contexts = [build_context(CR, [ts]) for ts in (EXPLICIT, J2K, JPEG)]
     outcomes: dict[str, int] = {}
     for i, (name, data, ts, sop_instance) in enumerate(cases):
         path = meta_file(
