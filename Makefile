@@ -32,6 +32,7 @@ system-deps:
 
 check: venv
 	$(BIN)/ruff check node pipeline tests bench models/training
+	$(BIN)/ruff format --check node pipeline tests bench models/training
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
