@@ -21,17 +21,14 @@ Delivery life cycle (``DeliveryState``)::
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from node.db import SqliteStore
 from node.encode.common import ObjectUIDs, ResultUIDs
-
-DB_NAME = "shadowspot.db"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -118,36 +115,12 @@ def _delivery(row: sqlite3.Row) -> Delivery:
     return Delivery(**values)
 
 
-class DeliveryStore:
+class DeliveryStore(SqliteStore):
     """The ``results`` and ``deliveries`` tables. Thread-safe: one connection behind a lock."""
 
     def __init__(self, storage: Path, *, retry_schedule_seconds: Sequence[float]) -> None:
-        storage.mkdir(parents=True, exist_ok=True)
-        self.path = storage / DB_NAME
+        super().__init__(storage, _SCHEMA)
         self.retry_schedule = tuple(retry_schedule_seconds)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # Result UIDs ------------------------------------------------------------------------------
 

@@ -26,10 +26,9 @@ import structlog
 
 from node import metrics
 from node.config import Config
+from node.db import DB_NAME
 
 log = structlog.get_logger(__name__)
-
-DB_NAME = "shadowspot.db"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,15 +27,12 @@ such a job keep their final state, so a re-run only processes what was not finis
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-DB_NAME = "shadowspot.db"
+from node.db import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -173,38 +170,13 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(**{**dict(row), "state": JobState(row["state"])})
 
 
-class Queue:
+class Queue(SqliteStore):
     """The ``instances`` and ``jobs`` tables. Thread-safe: one connection behind a lock."""
 
     def __init__(self, storage: Path, *, study_quiet_seconds: float, max_attempts: int = 3) -> None:
-        storage.mkdir(parents=True, exist_ok=True)
-        self.path = storage / DB_NAME
+        super().__init__(storage, _SCHEMA)
         self.study_quiet_seconds = study_quiet_seconds
         self.max_attempts = max_attempts
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # Intake ------------------------------------------------------------------------------------
 

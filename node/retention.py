@@ -27,11 +27,11 @@ import structlog
 
 from node import metrics
 from node.config import Config
+from node.db import DB_NAME
 from node.errors import NodeError
 
 log = structlog.get_logger(__name__)
 
-DB_NAME = "shadowspot.db"
 DAY = 86400.0
 _UNFINISHED_INSTANCES = ("received", "queued")
 _UNFINISHED_DELIVERIES = ("pending", "sending")

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from node import metrics
 from node.config import Config
+from node.db import DB_NAME
 from node.errors import NodeError
-
-DB_NAME = "shadowspot.db"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
