@@ -135,6 +135,22 @@ def closed_polyline(finding: Finding) -> list[tuple[float, float]]:
     return points
 
 
+UNPAIRED_BODY_PARTS = frozenset({"CHEST"})
+"""Body parts that need no Laterality (CID 4031 terms dciodvfy knows to be unpaired)."""
+
+
+def copy_body_part(target: Dataset, source: Dataset) -> None:
+    """General Series of an object highdicom takes no body part for (GSPS, SC): copy the
+    source's Body Part Examined, and Laterality (Type 2C) unless the body part is known to be
+    unpaired: the source's value, or empty (unknown) where it has none. A DX that says
+    THORAX, a term outside CID 4031, thus keeps its Laterality as the modality sent it."""
+    body_part = source.get("BodyPartExamined", None)
+    if body_part:
+        target.BodyPartExamined = body_part
+    if body_part not in UNPAIRED_BODY_PARTS:
+        target.Laterality = source.get("Laterality", None) or None
+
+
 def check_source(source: Dataset, shape: tuple[int, int]) -> None:
     """The findings must be in the source image's pixel grid."""
     rows, cols = int(source.get("Rows", 0)), int(source.get("Columns", 0))

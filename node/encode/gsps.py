@@ -13,7 +13,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from node.encode import codes as sc
-from node.encode.common import Producer, ResultUIDs, cielab, closed_polyline, tracking_id
+from node.encode.common import (
+    Producer,
+    ResultUIDs,
+    cielab,
+    closed_polyline,
+    copy_body_part,
+    tracking_id,
+)
 from node.errors import EncodeError
 from pipeline.result import AnalysisResult, Finding
 
@@ -105,16 +112,5 @@ def build_gsps(
         )
     except (ValueError, TypeError) as exc:
         raise EncodeError(f"presentation state could not be built: {exc}") from exc
-    _add_body_part(gsps, source)
+    copy_body_part(gsps, source)
     return gsps
-
-
-def _add_body_part(gsps: Dataset, source: Dataset) -> None:
-    """General Series: highdicom takes neither Body Part Examined nor Laterality for a GSPS.
-    Without a body part, Laterality (Type 2C) is required; the source's body part (CHEST,
-    unpaired) is copied, and where the source has none, Laterality is sent empty (unknown)."""
-    body_part = source.get("BodyPartExamined", None)
-    if body_part:
-        gsps.BodyPartExamined = body_part
-    else:
-        gsps.Laterality = source.get("Laterality", None) or None

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from node.encode.common import Producer, ResultUIDs
+from node.encode.common import Producer, ResultUIDs, copy_body_part
 from node.errors import EncodeError
 
 SERIES_NUMBER = 9104
@@ -74,7 +74,5 @@ def build_sc(
         raise EncodeError(f"secondary capture could not be built: {exc}") from exc
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    body_part = source.get("BodyPartExamined", None)
-    if body_part:
-        sc.BodyPartExamined = body_part
+    copy_body_part(sc, source)
     return sc

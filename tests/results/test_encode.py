@@ -310,6 +310,24 @@ def test_every_object_passes_dciodvfy_without_errors(
     assert errors == []
 
 
+@pytest.mark.parametrize("kind", [ObjectKind.PR, ObjectKind.SC])
+def test_thorax_source_with_unknown_laterality_passes_dciodvfy(
+    kind: ObjectKind, tmp_path: Path
+) -> None:
+    """A DX may say THORAX (outside CID 4031, so not known to be unpaired) with an empty
+    Laterality, as ``dx_image.dcm`` in the shared data does: the GSPS and SC, which highdicom
+    builds without a body part, copy both, so that Laterality (Type 2C) is present."""
+    source = generated_cr()
+    source.BodyPartExamined = "THORAX"
+    source.Laterality = None
+    ds = _build(source, two_findings(source), burned_in=_picture(source))[kind]
+    assert ds.BodyPartExamined == "THORAX" and "Laterality" in ds
+    path = tmp_path / f"{kind}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    errors, _ = dciodvfy(path)
+    assert errors == []
+
+
 def test_no_findings_sr_passes_dciodvfy(tmp_path: Path) -> None:
     """The SR of an image without findings is valid too."""
     source = rg1()
