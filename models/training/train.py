@@ -135,10 +135,25 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-def _lr(base: float, step: int, elapsed: float, budget: float) -> float:
-    warm = min(1.0, (step + 1) / WARMUP_STEPS)
+def _cosine(elapsed: float, budget: float) -> float:
     frac = min(1.0, elapsed / budget)
-    return base * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _lr(
+    base: float, step: int, elapsed: float, budget: float, ramp: dict[str, float] | None = None
+) -> float:
+    """Warmup, then a cosine over the whole budget (floor 2 % of ``base``). When a resumed
+    run extends the budget, ``ramp`` (``step``, ``factor``: where the old schedule stood)
+    eases the factor linearly over ``WARMUP_STEPS`` from where it was to the cosine of the
+    extended budget, so the rest of the run follows the schedule it would have had had the
+    larger budget been set from the start, without a jump in the learning rate."""
+    warm = min(1.0, (step + 1) / WARMUP_STEPS)
+    target = _cosine(elapsed, budget)
+    if ramp is not None and step - ramp["step"] < WARMUP_STEPS:
+        t = max(0.0, (step - ramp["step"] + 1) / WARMUP_STEPS)
+        target = ramp["factor"] + (target - ramp["factor"]) * t
+    return base * warm * target
 
 
 def write_compact_checkpoint(last: Path, out: Path) -> Path:
@@ -204,8 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         net.load_state_dict(ckpt["model"])
         optimiser.load_state_dict(ckpt["optimiser"])
         state = ckpt["state"]
+        previous_budget = float(state.get("budget_s", float(ckpt["args"]["minutes"]) * 60))
+        if args.minutes * 60 != previous_budget and state["elapsed_s"] < args.minutes * 60:
+            state["lr_ramp"] = {
+                "step": state["step"],
+                "factor": _cosine(state["elapsed_s"], previous_budget),
+            }
         print(
-            f"resumed {last} at epoch {state['epoch']}, {state['elapsed_s'] / 60:.1f} min",
+            f"resumed {last} at epoch {state['epoch']}, {state['elapsed_s'] / 60:.1f} min"
+            f" (budget {previous_budget / 60:.0f} -> {args.minutes:.0f} min)",
             flush=True,
         )
     elif args.init is not None:
@@ -214,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
         )
         state = ckpt["state"]
+        # A fresh optimiser has no moment estimates: warm the learning rate up again from 0.
+        state["lr_ramp"] = {"step": state["step"], "factor": 0.0}
         print(
             f"initialised from {args.init} at epoch {state['epoch']}, "
             f"{state['elapsed_s'] / 60:.1f} min (fresh optimiser)",
@@ -234,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
 
     budget = args.minutes * 60
+    state["budget_s"] = budget
     source_w = np.array([SOURCE_WEIGHT.get(str(s), 1.0) for s in train["sources"]])
     source_w /= source_w.sum()
     n_train = len(train["images"])
@@ -246,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, n_train - args.batch + 1, args.batch):
             t0 = time.monotonic()
             for group in optimiser.param_groups:
-                group["lr"] = _lr(args.lr, state["step"], state["elapsed_s"], budget)
+                group["lr"] = _lr(
+                    args.lr, state["step"], state["elapsed_s"], budget, state.get("lr_ramp")
+                )
             losses.append(
                 train_step(net, optimiser, _batch(train, order[start : start + args.batch]), g)
             )
