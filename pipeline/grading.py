@@ -55,7 +55,11 @@ def grade(
     diameter_mm: float | None,
     config: GradingConfig,
     alert_grade: int,
+    alert_threshold: float | None = None,
 ) -> Grading:
-    """S710–S742: grade, its colour and the alert flag of one finding."""
+    """S710–S742: grade, its colour and the alert flag of one finding; with the model's
+    ``alert_threshold``, a finding below it stays under ``alert_grade``."""
     g = grade_of(finding_type, probability, diameter_mm, config)
+    if alert_threshold is not None and probability < alert_threshold:
+        g = min(g, alert_grade - 1) if alert_grade > 1 else g
     return Grading(grade=g, colour=config.colour_of(g), alert=g >= alert_grade)

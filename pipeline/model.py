@@ -36,6 +36,9 @@ class Channel:
     group: FindingGroup | None = None
     finding_type: FindingType | None = None
     threshold: float = 0.5
+    alert_threshold: float | None = None
+    """S741 for this model: below this probability a finding's grade stays under the alert
+    grade (``operating_point.alert_thresholds``; None: the grading table alone decides)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,7 +81,15 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
-def _channel(i: int, raw: object, thresholds: dict[str, Any]) -> Channel:
+def _probability(value: object, key: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 < value < 1.0:
+        raise ModelError(f"manifest: operating_point.{key} must be in (0, 1)")
+    return float(value)
+
+
+def _channel(
+    i: int, raw: object, thresholds: dict[str, Any], alert_thresholds: dict[str, Any]
+) -> Channel:
     if not isinstance(raw, dict):
         raise ModelError(f"manifest: channels[{i}] must be an object")
     name = _get(raw, "name", str, f"channels[{i}].")
@@ -90,16 +101,18 @@ def _channel(i: int, raw: object, thresholds: dict[str, Any]) -> Channel:
         finding_type = FindingType(_get(raw, "finding_type", str, f"channels[{i}]."))
     except ValueError as exc:
         raise ModelError(f"manifest: channels[{i}]: {exc}") from exc
-    threshold = thresholds.get(name, 0.5)
-    if not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
-        raise ModelError(f"manifest: operating_point.thresholds.{name} must be in (0, 1)")
+    threshold = _probability(thresholds.get(name, 0.5), f"thresholds.{name}")
+    alert_threshold = None
+    if name in alert_thresholds:
+        alert_threshold = _probability(alert_thresholds[name], f"alert_thresholds.{name}")
     return Channel(
         index=i,
         name=name,
         kind=kind,
         group=group,
         finding_type=finding_type,
-        threshold=float(threshold),
+        threshold=threshold,
+        alert_threshold=alert_threshold,
     )
 
 
@@ -110,8 +123,12 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     window = _get(inp, "window", dict, "input.")
     op = raw.get("operating_point", {})
     thresholds = op.get("thresholds", {}) if isinstance(op, dict) else {}
+    alert_thresholds = op.get("alert_thresholds", {}) if isinstance(op, dict) else {}
+    if not isinstance(alert_thresholds, dict):
+        raise ModelError("manifest: operating_point.alert_thresholds must be an object")
     channels = tuple(
-        _channel(i, c, thresholds) for i, c in enumerate(_get(raw, "channels", list, ""))
+        _channel(i, c, thresholds, alert_thresholds)
+        for i, c in enumerate(_get(raw, "channels", list, ""))
     )
     if not any(c.kind == "finding" for c in channels):
         raise ModelError("manifest: no channel of kind 'finding'")

@@ -138,7 +138,14 @@ def make_finding(
     diameter = 2.0 * float(np.sqrt(size_mm2 / np.pi))
     channel_type = rec.region.channel.finding_type or FindingType.OPACITY
     finding_type = finding_type_of(channel_type, diameter, config.grading.mass_diameter_mm)
-    graded = grade(finding_type, rec.probability, diameter, config.grading, config.alert_grade)
+    graded = grade(
+        finding_type,
+        rec.probability,
+        diameter,
+        config.grading,
+        config.alert_grade,
+        rec.region.channel.alert_threshold,
+    )
     side, zone = side_and_zone(rec.mask, lungs)
     return Finding(
         finding_type=finding_type,

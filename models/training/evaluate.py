@@ -390,15 +390,25 @@ def _table(summary: dict[str, Any]) -> str:
 
 
 NORMAL_SHARE_PER_CHANNEL = 0.07
+NORMAL_ALERT_SHARE_PER_CHANNEL = 0.02
 THRESHOLD_GRID = tuple(round(0.2 + 0.025 * i, 3) for i in range(31))
+ALERT_GRID = (*THRESHOLD_GRID, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995, 0.998, 0.999)
+
+
+def _lowest(grid: Sequence[float], peaks: npt.NDArray[np.float32], share: float) -> float:
+    """The lowest threshold of ``grid`` reached by at most ``share`` of the ``peaks``."""
+    ok = [t for t in grid if (peaks >= t).mean() <= share]
+    return ok[0] if ok else grid[-1]
 
 
 def choose_operating_point(
     records: Sequence[Record], model_dir: Path, data_dir: Path
-) -> dict[str, float]:
-    """Per finding channel, the lowest grid threshold at which at most
-    ``NORMAL_SHARE_PER_CHANNEL`` of the normal studies have a finding of that channel
-    (a component exists iff the channel's peak reaches the threshold), from the network."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per finding channel, from the network's peaks on the normal studies: the finding
+    threshold, the lowest grid value that at most ``NORMAL_SHARE_PER_CHANNEL`` of the normal
+    studies reach (a component exists iff the channel's peak reaches the threshold), and the
+    alert threshold, the lowest that at most ``NORMAL_ALERT_SHARE_PER_CHANNEL`` reach (never
+    below the finding threshold)."""
     engine = NetworkEngine(model_dir, {}, 0.0)
     normals = [r for r, normal in zip(records, normal_studies(records), strict=True) if normal]
     if not normals:
@@ -409,13 +419,16 @@ def choose_operating_point(
             for r in normals
         ]
     )
-    chosen = {}
+    thresholds, alerts = {}, {}
     for c, spec in enumerate(engine.manifest["channels"]):
         if spec["kind"] != "finding":
             continue
-        ok = [t for t in THRESHOLD_GRID if (peaks[:, c] >= t).mean() <= NORMAL_SHARE_PER_CHANNEL]
-        chosen[spec["name"]] = ok[0] if ok else THRESHOLD_GRID[-1]
-    return chosen
+        t = _lowest(THRESHOLD_GRID, peaks[:, c], NORMAL_SHARE_PER_CHANNEL)
+        thresholds[spec["name"]] = t
+        alerts[spec["name"]] = max(
+            t, _lowest(ALERT_GRID, peaks[:, c], NORMAL_ALERT_SHARE_PER_CHANNEL)
+        )
+    return thresholds, alerts
 
 
 def _update_manifest(model_dir: Path, **sections: Any) -> None:
@@ -484,16 +497,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         records = records[: args.limit]
     if args.choose_operating_point:
-        chosen = choose_operating_point(records, args.model_dir, args.data_dir)
+        chosen, alerts = choose_operating_point(records, args.model_dir, args.data_dir)
         op = json.loads((args.model_dir / "manifest.json").read_text())["operating_point"]
         op["thresholds"] = chosen
+        op["alert_thresholds"] = alerts
         op["rule"] = (
-            f"per channel, the lowest threshold in 0.2..0.95 (step 0.025) with at most "
-            f"{NORMAL_SHARE_PER_CHANNEL:.0%} of the normal studies of the "
-            f"{args.split} split having a finding of that channel (network peaks)"
+            f"per channel, on the network's peaks over the normal studies of the {args.split} "
+            f"split: thresholds = the lowest of 0.2..0.95 (step 0.025) reached by at most "
+            f"{NORMAL_SHARE_PER_CHANNEL:.0%} of them; alert_thresholds = the lowest of "
+            f"0.2..0.999 reached by at most {NORMAL_ALERT_SHARE_PER_CHANNEL:.0%} of them"
         )
         _update_manifest(args.model_dir, operating_point=op)
-        print(f"operating point: {chosen}")
+        print(f"operating point: thresholds {chosen}, alert thresholds {alerts}")
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     op_thresholds = manifest["operating_point"]["thresholds"]
     with tempfile.TemporaryDirectory() as tmp:

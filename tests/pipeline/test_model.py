@@ -75,6 +75,22 @@ def test_unknown_finding_type_is_a_model_error(tmp_path: Path) -> None:
         load_model(build_tiny_model(tmp_path, size=64, channels_spec=spec))
 
 
+def test_alert_thresholds_reach_their_channels(tmp_path: Path) -> None:
+    """``operating_point.alert_thresholds`` is read per channel; one outside (0, 1) is
+    refused at load."""
+    folder = build_tiny_model(tmp_path, size=64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["operating_point"]["alert_thresholds"] = {"shadow": 0.97}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    channels = {c.name: c for c in load_model(folder).manifest.finding_channels}
+    assert channels["shadow"].alert_threshold == 0.97
+    assert channels["spot"].alert_threshold is None
+    manifest["operating_point"]["alert_thresholds"] = {"shadow": 1.5}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="alert_thresholds.shadow"):
+        load_model(folder)
+
+
 def test_the_shipped_model_loads() -> None:
     """models/manifest.json and its ONNX file agree (skipped until the model is shipped)."""
     if not (REPO / "models" / "manifest.json").is_file():

@@ -223,6 +223,21 @@ def test_s710_grading_table_probability_and_size() -> None:
     assert not grade(FindingType.OPACITY, 0.65, 10.0, cfg, 3).alert
 
 
+def test_s741_model_alert_threshold_holds_the_grade_under_the_alert_grade() -> None:
+    """Below the model's alert threshold a finding that the table would grade 3 or 4 stays
+    at grade 2 (no alert); at or above it the table decides; without one, nothing changes."""
+    cfg = GradingConfig()
+    assert grade(FindingType.OPACITY, 0.85, 10.0, cfg, 3).grade == 3
+    held = grade(FindingType.OPACITY, 0.85, 10.0, cfg, 3, alert_threshold=0.97)
+    assert held.grade == 2 and not held.alert and held.colour == cfg.colour_of(2)
+    held_mass = grade(FindingType.MASS, 0.9, 40.0, cfg, 3, alert_threshold=0.97)
+    assert held_mass.grade == 2 and not held_mass.alert
+    kept = grade(FindingType.MASS, 0.98, 40.0, cfg, 3, alert_threshold=0.97)
+    assert kept.grade == 4 and kept.alert
+    low = grade(FindingType.NODULE, 0.55, 8.0, cfg, 3, alert_threshold=0.97)
+    assert low.grade == 1 and not low.alert
+
+
 # Lung field --------------------------------------------------------------------------------
 
 
