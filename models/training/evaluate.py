@@ -138,20 +138,24 @@ def _upsample(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArra
     return mask[np.ix_(ri, ci)]
 
 
-def pipeline_engine(model_dir: Path) -> Engine:
+def pipeline_engine(model_dir: Path, config_path: Path | None = None) -> Engine:
     """The real pipeline (``pipeline.analyse.analyse``, S100–S742) with the model in
-    ``model_dir`` and the default ``PipelineConfig`` otherwise."""
+    ``model_dir`` and the ``[pipeline]`` section of the node configuration ``config_path``
+    (validated by ``node.config.load_config``; None: the embedded defaults)."""
+    import dataclasses
     import logging
 
     import structlog
 
+    from node.config import load_config
     from pipeline.analyse import analyse
     from pipeline.config import PipelineConfig
     from pipeline.model import load_model
     from pipeline.result import SourceImage
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    config = PipelineConfig(model_dir=model_dir)
+    base = PipelineConfig() if config_path is None else load_config(config_path).pipeline
+    config = dataclasses.replace(base, model_dir=model_dir)
     model = load_model(model_dir, threads=2)
 
     def run(grey: npt.NDArray[np.uint8]) -> Analysed:
@@ -471,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, default=REPO / "models")
     parser.add_argument("--engine", choices=("pipeline", "network"), default="pipeline")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="pipeline engine: a node configuration whose [pipeline] section is used "
+        "(default: the embedded defaults)",
+    )
     parser.add_argument("--sweep-threshold", type=float, default=0.05)
     parser.add_argument(
         "--relative",
@@ -519,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             op_engine: Engine = NetworkEngine(args.model_dir, op_thresholds, args.relative)
         else:
             sweep_dir = _model_dir_with_thresholds(args.model_dir, args.sweep_threshold, Path(tmp))
-            sweep_engine = pipeline_engine(sweep_dir)
-            op_engine = pipeline_engine(args.model_dir)
+            sweep_engine = pipeline_engine(sweep_dir, args.config)
+            op_engine = pipeline_engine(args.model_dir, args.config)
         t0 = time.monotonic()
         sweep, operating = [], []
         for r in records:
@@ -538,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             "sha256": manifest["sha256"],
             "operating_point": manifest["operating_point"],
         },
+        "pipeline_config": str(args.config) if args.config else "embedded defaults",
         "sweep_threshold": args.sweep_threshold,
         "seconds_per_image_both_runs": round(seconds / max(1, len(records)), 3),
     }
