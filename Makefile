@@ -16,6 +16,12 @@ $(BIN)/shadowspot: pyproject.toml
 
 venv: $(BIN)/shadowspot
 
+# The tests also run the training code (one step, export, a run from a pack): PyTorch, the
+# training-only extra (a CPU build on our machines). The node itself never imports it.
+$(VENV)/.train-extra: $(BIN)/shadowspot
+	$(BIN)/pip install --quiet -e '.[test,train]'
+	touch $@
+
 serve: venv
 	$(BIN)/shadowspot serve
 
@@ -36,7 +42,7 @@ check: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: system-deps check
+test: system-deps check $(VENV)/.train-extra
 	$(BIN)/pytest -q
 
 bench: venv

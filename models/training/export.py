@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import warnings
@@ -41,7 +42,7 @@ def export_onnx(net: UNet, path: Path, size: int) -> float:
 
     Raises ``RuntimeError`` when the difference exceeds ``PARITY_TOLERANCE``.
     """
-    model = Exported(net).eval()
+    model = Exported(copy.deepcopy(net).cpu()).eval()  # wherever it trained
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.window import model_input
-
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
 
@@ -29,7 +27,12 @@ WINDOW_SPEC = {
 
 
 def prepare(pixels: npt.NDArray[np.generic], height: int, width: int) -> npt.NDArray[np.float32]:
-    """S100 + S200 for a 2-D grey array: the model's input, (height, width) float32 in [0, 1]."""
+    """S100 + S200 for a 2-D grey array: the model's input, (height, width) float32 in [0, 1].
+
+    The pipeline is imported here, not at the top: a machine that trains from a pack (the
+    GPU machine) has torch and numpy but not the node's imaging stack."""
+    from pipeline.window import model_input
+
     return model_input(
         pixels,
         working_shape=(height, width),

@@ -8,6 +8,12 @@ the learning rate follows a cosine over the time budget. After every epoch the r
 writes ``runs/<run>/last.pt`` and, when the validation loss improved, ``best.pt`` and the
 ONNX model + manifest in ``--model-dir``. Running the same command again resumes from
 ``last.pt``; a larger ``--minutes`` extends the budget. SIGTERM/SIGINT stop after the step.
+
+On a GPU machine without the data (the device machine), the same command trains there:
+``--write-pack FILE`` folds the packed data into one file small enough to travel (git-ignored
+``models/training/pack/``), ``--pack FILE`` trains from it, and ``--device auto`` (the
+default) uses CUDA where torch finds it. Augmentation stays on the CPU; the network, loss
+and optimiser run on the device.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from models.training import augment
-from models.training.dataset import FINDING_CHANNELS, packed
+from models.training.dataset import FINDING_CHANNELS, packed, read_pack, write_pack
 from models.training.export import FILE, export_onnx, write_manifest
 from models.training.net import UNet, parameter_count
 
@@ -75,9 +81,11 @@ def train_step(
     if augment_batch:
         image, target, weight = augment.geometry(image, target, weight, g)
         image = augment.intensity(image, g)
+    device = next(net.parameters()).device
+    image, target, weight = image.to(device), target.to(device), weight.to(device)
     net.train()
     logits = net(_normalise(image))
-    loss = sum(loss_terms(logits, target, weight, batch["has_lung"]).values())
+    loss = sum(loss_terms(logits, target, weight, batch["has_lung"].to(device)).values())
     assert isinstance(loss, torch.Tensor)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -105,11 +113,15 @@ def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Te
 def validate(net: UNet, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
     """Mean loss terms on the validation arrays (no augmentation) and image-level AUROC."""
     net.eval()
+    device = next(net.parameters()).device
     sums: dict[str, float] = {}
     scores, labels = [], []
     n = len(arrays["images"])
     for start in range(0, n, batch_size):
-        b = _batch(arrays, np.arange(start, min(n, start + batch_size)))
+        b = {
+            k: v.to(device)
+            for k, v in _batch(arrays, np.arange(start, min(n, start + batch_size))).items()
+        }
         image = b["images"].float().unsqueeze(1) / 255.0
         logits = net(_normalise(image))
         terms = loss_terms(
@@ -159,7 +171,7 @@ def _lr(
 def write_compact_checkpoint(last: Path, out: Path) -> Path:
     """Weights of ``last.pt`` in float16 plus the run state (no optimiser moments): small
     enough to commit; ``--init`` starts a run from it."""
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = torch.load(last, weights_only=False, map_location="cpu")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save({"model": weights, "state": ckpt["state"], "args": ckpt.get("args", {})}, out)
     return out
@@ -174,6 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA where torch finds it, else CPU), cpu, cuda or cuda:N",
+    )
+    parser.add_argument(
+        "--pack",
+        type=Path,
+        default=None,
+        help="train from a --write-pack file instead of --data (a machine without the data)",
+    )
     parser.add_argument("--run", default="main")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "models" / "training" / "runs")
     parser.add_argument("--cache-dir", type=Path, default=REPO / "models" / "training" / "cache")
@@ -191,20 +214,39 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="write the run's last.pt as a compact checkpoint to this path, exit",
     )
+    parser.add_argument(
+        "--write-pack",
+        type=Path,
+        default=None,
+        help="write --data at --size as one compressed file for --pack, exit",
+    )
     args = parser.parse_args(argv)
     if args.write_checkpoint is not None:
         write_compact_checkpoint(args.runs_dir / args.run / "last.pt", args.write_checkpoint)
         return 0
+    if args.write_pack is not None:
+        out = write_pack(args.data.resolve(), args.size, args.cache_dir, args.write_pack)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
+        return 0
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    paths, digest, counts = packed(args.data.resolve(), args.size, args.cache_dir)
-    train = dict(np.load(paths["train"]))
-    val = dict(np.load(paths["val"]))
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    if args.pack is not None:
+        splits, digest, size, counts = read_pack(args.pack)
+        if size != args.size:
+            raise SystemExit(f"{args.pack} holds {size}² images, not --size {args.size}")
+        train, val = splits["train"], splits["val"]
+    else:
+        paths, digest, counts = packed(args.data.resolve(), args.size, args.cache_dir)
+        train = dict(np.load(paths["train"]))
+        val = dict(np.load(paths["val"]))
     run_dir = args.runs_dir / args.run
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    net = UNet()
+    net = UNet().to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     state: dict[str, Any] = {
         "epoch": 0,
@@ -215,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     last = run_dir / "last.pt"
     if last.exists():
-        ckpt = torch.load(last, weights_only=False)
+        ckpt = torch.load(last, weights_only=False, map_location=device)
         net.load_state_dict(ckpt["model"])
         optimiser.load_state_dict(ckpt["optimiser"])
         state = ckpt["state"]
@@ -231,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     elif args.init is not None:
-        ckpt = torch.load(args.init, weights_only=False)
+        ckpt = torch.load(args.init, weights_only=False, map_location=device)
         net.load_state_dict(
             {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
         )
@@ -245,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"params {parameter_count(net)} size {args.size} train {counts['train']} "
-        f"val {counts['val']} digest {digest}",
+        f"val {counts['val']} digest {digest} device {device}",
         flush=True,
     )
 

@@ -2,61 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from models.training.dataset import BOX_EDGE_WEIGHT, read_records, split_by_patient, targets
+from models.training.dataset import (
+    BOX_EDGE_WEIGHT,
+    packed,
+    read_pack,
+    read_records,
+    split_by_patient,
+    targets,
+    write_pack,
+)
 from models.training.evaluate import normal_studies
-
-
-def _folder(tmp_path: Path) -> Path:
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    Image.fromarray(np.full((100, 200), 90, np.uint8)).save(tmp_path / "images" / "a.png")
-    lesion = np.zeros((100, 200), np.uint8)
-    lesion[60:80, 20:60] = 255
-    Image.fromarray(lesion).save(tmp_path / "masks" / "a_1.png")
-    lungs = np.zeros((100, 200), np.uint8)
-    lungs[10:90, 10:190] = 255
-    Image.fromarray(lungs).save(tmp_path / "masks" / "a_lungs.png")
-    rows = [
-        {
-            "id": "a",
-            "source": "s",
-            "patient": "p1",
-            "width": 200,
-            "height": 100,
-            "lungs": "masks/a_lungs.png",
-            "findings": [
-                {"label": "active_tuberculosis", "box": [100, 10, 180, 50], "mask": None},
-                {"label": "consolidation", "box": [20, 60, 60, 80], "mask": "masks/a_1.png"},
-                {"label": "pleural_effusion", "box": [150, 80, 190, 95], "mask": None},
-            ],
-        },
-        {
-            "id": "b",
-            "source": "s",
-            "patient": "p1",
-            "width": 200,
-            "height": 100,
-            "lungs": None,
-            "findings": [],
-        },
-        {
-            "id": "c",
-            "source": "n",
-            "patient": "p2",
-            "width": 200,
-            "height": 100,
-            "lungs": None,
-            "findings": [],
-        },
-    ]
-    (tmp_path / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return tmp_path
+from tests.model.folders import folder as _folder
+from tests.model.folders import folder_with_normals
 
 
 def test_box_becomes_inscribed_ellipse_with_soft_edges(tmp_path: Path) -> None:
@@ -83,3 +44,21 @@ def test_split_keeps_a_patient_together_and_normal_sources_are_recognised(
     where = {r.id: name for name, rs in splits.items() for r in rs}
     assert where["a"] == where["b"]
     assert normal_studies(records) == [False, False, True]
+
+
+def test_pack_carries_both_splits_and_the_digest(tmp_path: Path) -> None:
+    """``write_pack`` → ``read_pack`` gives the cache's splits back: targets, weights and
+    flags exactly, images within JPEG's small losses, and the same data digest."""
+    data = folder_with_normals(tmp_path / "data")
+    paths, digest, counts = packed(data, 32, tmp_path / "cache")
+    out = write_pack(data, 32, tmp_path / "cache", tmp_path / "pack" / "data.npz")
+    splits, got_digest, size, got_counts = read_pack(out)
+    assert (got_digest, size, got_counts) == (digest, 32, counts)
+    assert counts["train"] > 0 and counts["val"] > 0
+    for split, path in paths.items():
+        with np.load(path) as cache:
+            for key in ("targets", "weights", "has_lung", "sources", "ids"):
+                np.testing.assert_array_equal(splits[split][key], cache[key])
+            diff = np.abs(splits[split]["images"].astype(int) - cache["images"].astype(int))
+            assert splits[split]["images"].shape == cache["images"].shape
+            assert diff.mean() < 4.0

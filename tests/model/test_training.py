@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip(
-    "torch", reason="torch is a training-only extra (pip install -e .[train]); CI skips this"
+    "torch", reason="torch is the training-only extra (pip install -e .[train]; make test does)"
 )
 
 from models.training.export import FILE, export_onnx, sha256_of, write_manifest  # noqa: E402
@@ -64,3 +64,42 @@ def test_export_matches_pytorch_and_manifest_describes_the_file(tmp_path: Path) 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["sha256"] == sha256_of(tmp_path / FILE)
     assert [c["name"] for c in manifest["channels"]] == ["spot", "shadow", "lung"]
+
+
+def test_train_command_runs_from_a_pack_and_resumes(tmp_path: Path) -> None:
+    """The whole command as a machine without the data runs it: ``--write-pack``, then
+    ``--pack`` on the CPU device for a few seconds (steps, validation, checkpoint, ONNX and
+    manifest), then the same command with a larger budget resumes from ``last.pt``."""
+    from models.training.train import main
+    from tests.model.folders import folder_with_normals
+
+    data = folder_with_normals(tmp_path / "data")
+    pack = tmp_path / "pack.npz"
+    common = ["--size", str(SIZE), "--cache-dir", str(tmp_path / "cache")]
+    assert main(["--data", str(data), *common, "--write-pack", str(pack)]) == 0
+    run = [
+        *common,
+        "--pack",
+        str(pack),
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--model-dir",
+        str(tmp_path / "model"),
+    ]
+    assert main([*run, "--minutes", "0.01"]) == 0
+    last = tmp_path / "runs" / "main" / "last.pt"
+    first = torch.load(last, weights_only=False)["state"]
+    assert first["epoch"] >= 1 and first["step"] >= 1
+    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    assert manifest["sha256"] == sha256_of(tmp_path / "model" / FILE)
+    assert manifest["input"]["height"] == SIZE
+    assert main([*run, "--minutes", "0.03"]) == 0
+    second = torch.load(last, weights_only=False)["state"]
+    assert second["step"] > first["step"] and second["budget_s"] == pytest.approx(1.8)
+    assert "lr_ramp" in second

@@ -87,7 +87,7 @@ def test_alert_thresholds_reach_their_channels(tmp_path: Path) -> None:
     assert channels["spot"].alert_threshold is None
     manifest["operating_point"]["alert_thresholds"] = {"shadow": 1.5}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelError, match="alert_thresholds.shadow"):
+    with pytest.raises(ModelError, match=r"alert_thresholds\.shadow"):
         load_model(folder)
 
 
