@@ -323,8 +323,9 @@ def test_s311_watershed_on_the_real_radiograph() -> None:
 
 
 def test_s300_basins_keep_a_weak_lesion_next_to_a_strong_one() -> None:
-    """At a low threshold a strong and a weak lesion share one component: the peak-relative
-    cut loses the weak one, the basin strategy keeps both with separate boxes."""
+    """At a low threshold a strong and a weak lesion (0.4 of the strong one's peak) share one
+    component: the peak-relative cut at half the peak loses the weak one, the basin strategy
+    keeps both with separate boxes."""
     yy, xx = np.mgrid[:60, :100]
     strong = np.exp(-((yy - 30) ** 2 + (xx - 30) ** 2) / (2 * 6.0**2))
     weak = 0.25 * np.exp(-((yy - 30) ** 2 + (xx - 70) ** 2) / (2 * 6.0**2))
@@ -337,8 +338,11 @@ def test_s300_basins_keep_a_weak_lesion_next_to_a_strong_one() -> None:
         finding_type=FindingType.NODULE,
         threshold=0.1,
     )
-    peak = channel_marks(evidence, low, CandidateConfig(strategy="peak_relative"))
-    basins = channel_marks(evidence, low, CandidateConfig(strategy="basins", basin_depth=0.1))
+    half = CandidateConfig(strategy="peak_relative", peak_fraction=0.5)
+    peak = channel_marks(evidence, low, half)
+    basins = channel_marks(
+        evidence, low, CandidateConfig(strategy="basins", basin_depth=0.1, peak_fraction=0.5)
+    )
     assert len(peak) == 1
     assert len(basins) == 2
     right = max(basins, key=lambda m: m.box[1])
