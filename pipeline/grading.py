@@ -60,6 +60,6 @@ def grade(
     """S710–S742: grade, its colour and the alert flag of one finding; with the model's
     ``alert_threshold``, a finding below it stays under ``alert_grade``."""
     g = grade_of(finding_type, probability, diameter_mm, config)
-    if alert_threshold is not None and probability < alert_threshold:
-        g = min(g, alert_grade - 1) if alert_grade > 1 else g
+    if alert_threshold is not None and probability < alert_threshold and alert_grade > 1:
+        g = min(g, alert_grade - 1)
     return Grading(grade=g, colour=config.colour_of(g), alert=g >= alert_grade)

@@ -15,6 +15,7 @@ baseline puts the same four lung-quadrant boxes on every image. Writes ``summary
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -142,7 +143,6 @@ def pipeline_engine(model_dir: Path, config_path: Path | None = None) -> Engine:
     """The real pipeline (``pipeline.analyse.analyse``, S100–S742) with the model in
     ``model_dir`` and the ``[pipeline]`` section of the node configuration ``config_path``
     (validated by ``node.config.load_config``; None: the embedded defaults)."""
-    import dataclasses
     import logging
 
     import structlog
