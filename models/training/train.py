@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from models.training import augment
 from models.training.dataset import FINDING_CHANNELS, packed, read_pack, write_pack
 from models.training.export import FILE, export_onnx, write_manifest
-from models.training.net import UNet, parameter_count
+from models.training.net import WIDTHS, UNet, parameter_count
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "cxr-lesions"
@@ -173,8 +173,63 @@ def write_compact_checkpoint(last: Path, out: Path) -> Path:
     enough to commit; ``--init`` starts a run from it."""
     ckpt = torch.load(last, weights_only=False, map_location="cpu")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    torch.save({"model": weights, "state": ckpt["state"], "args": ckpt.get("args", {})}, out)
+    compact = {
+        "model": weights,
+        "state": ckpt["state"],
+        "widths": ckpt.get("widths", list(WIDTHS)),
+        "args": ckpt.get("args", {}),
+    }
+    torch.save(compact, out)
     return out
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    widths = tuple(int(w) for w in text.split(","))
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be two or more positive ints: {text}")
+    return widths
+
+
+def _checkpoint_widths(ckpt: dict[str, Any] | None) -> tuple[int, ...] | None:
+    """The widths a checkpoint was trained with (those before --widths existed: WIDTHS)."""
+    if ckpt is None:
+        return None
+    return tuple(int(w) for w in ckpt.get("widths", WIDTHS))
+
+
+def export_model(net: UNet, model_dir: Path, best: dict[str, Any]) -> Path:
+    """ONNX + manifest in ``model_dir`` for a best checkpoint (weights, run state, the data
+    it trained on, the run's arguments and validation metrics)."""
+    state, run_args, metrics = best["state"], best["args"], best["metrics"]
+    diff = export_onnx(net, model_dir / FILE, int(run_args["size"]))
+    training = {
+        "data_digest": best["data"]["digest"],
+        "images": best["data"]["counts"]["train"],
+        "val_images": best["data"]["counts"]["val"],
+        "epochs": state["epoch"],
+        "steps": state["step"],
+        "minutes": round(state["elapsed_s"] / 60, 1),
+        "seed": int(run_args["seed"]),
+        "batch": int(run_args["batch"]),
+        "lr": float(run_args["lr"]),
+        "widths": list(best["widths"]),
+        "params": parameter_count(net),
+        "device": run_args.get("device", "auto"),
+        "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
+    }
+    if "init" in state:
+        training["initialised_from"] = state["init"]
+    return write_manifest(
+        model_dir,
+        size=int(run_args["size"]),
+        version=VERSION,
+        training=training,
+        metrics={
+            "val_loss": round(metrics["loss"], 4),
+            "val_image_auroc_quick": round(metrics["auroc"], 4),
+            "onnx_parity_max_abs_diff": diff,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +264,24 @@ def main(argv: list[str] | None = None) -> int:
         "has no last.pt, e.g. models/training/checkpoint.pt",
     )
     parser.add_argument(
+        "--fresh-schedule",
+        action="store_true",
+        help="with --init: take the weights only and start a new run (epoch 0, a new "
+        "schedule over --minutes, a new best)",
+    )
+    parser.add_argument(
+        "--widths",
+        type=_widths,
+        default=None,
+        help="U-Net channel widths per level, e.g. 24,48,96,160,256 (default "
+        f"{','.join(map(str, WIDTHS))}; a resumed or --init run keeps its checkpoint's)",
+    )
+    parser.add_argument(
+        "--export-best",
+        action="store_true",
+        help="export the run's best.pt to --model-dir (ONNX + manifest), exit",
+    )
+    parser.add_argument(
         "--write-checkpoint",
         type=Path,
         default=None,
@@ -223,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.write_checkpoint is not None:
         write_compact_checkpoint(args.runs_dir / args.run / "last.pt", args.write_checkpoint)
+        return 0
+    if args.export_best:
+        best = torch.load(args.runs_dir / args.run / "best.pt", weights_only=False)
+        net = UNet(widths=tuple(best["widths"]))
+        net.load_state_dict(best["model"])
+        export_model(net, args.model_dir, best)
+        print(f"exported epoch {best['state']['epoch']} to {args.model_dir}", flush=True)
         return 0
     if args.write_pack is not None:
         out = write_pack(args.data.resolve(), args.size, args.cache_dir, args.write_pack)
@@ -245,8 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         val = dict(np.load(paths["val"]))
     run_dir = args.runs_dir / args.run
     run_dir.mkdir(parents=True, exist_ok=True)
+    last = run_dir / "last.pt"
+    resume = torch.load(last, weights_only=False, map_location=device) if last.exists() else None
+    init = None
+    if resume is None and args.init is not None:
+        init = torch.load(args.init, weights_only=False, map_location=device)
+    widths = _checkpoint_widths(resume or init) or args.widths or WIDTHS
 
-    net = UNet().to(device)
+    net = UNet(widths=widths).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     state: dict[str, Any] = {
         "epoch": 0,
@@ -255,13 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         "best": math.inf,
         "history": [],
     }
-    last = run_dir / "last.pt"
-    if last.exists():
-        ckpt = torch.load(last, weights_only=False, map_location=device)
-        net.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        state = ckpt["state"]
-        previous_budget = float(state.get("budget_s", float(ckpt["args"]["minutes"]) * 60))
+    if resume is not None:
+        net.load_state_dict(resume["model"])
+        optimiser.load_state_dict(resume["optimiser"])
+        state = resume["state"]
+        previous_budget = float(state.get("budget_s", float(resume["args"]["minutes"]) * 60))
         if args.minutes * 60 != previous_budget and state["elapsed_s"] < args.minutes * 60:
             state["lr_ramp"] = {
                 "step": state["step"],
@@ -272,19 +356,22 @@ def main(argv: list[str] | None = None) -> int:
             f" (budget {previous_budget / 60:.0f} -> {args.minutes:.0f} min)",
             flush=True,
         )
-    elif args.init is not None:
-        ckpt = torch.load(args.init, weights_only=False, map_location=device)
+    elif init is not None:
         net.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+            {k: v.float() if v.is_floating_point() else v for k, v in init["model"].items()}
         )
-        state = ckpt["state"]
-        # A fresh optimiser has no moment estimates: warm the learning rate up again from 0.
-        state["lr_ramp"] = {"step": state["step"], "factor": 0.0}
-        print(
-            f"initialised from {args.init} at epoch {state['epoch']}, "
-            f"{state['elapsed_s'] / 60:.1f} min (fresh optimiser)",
-            flush=True,
-        )
+        if args.fresh_schedule:
+            state["init"] = {"from": str(args.init), "epoch": init["state"]["epoch"]}
+            print(f"initialised weights from {args.init}, new schedule", flush=True)
+        else:
+            state = init["state"]
+            # A fresh optimiser has no moment estimates: warm the learning rate up again.
+            state["lr_ramp"] = {"step": state["step"], "factor": 0.0}
+            print(
+                f"initialised from {args.init} at epoch {state['epoch']}, "
+                f"{state['elapsed_s'] / 60:.1f} min (fresh optimiser)",
+                flush=True,
+            )
     print(
         f"params {parameter_count(net)} size {args.size} train {counts['train']} "
         f"val {counts['val']} digest {digest} device {device}",
@@ -344,36 +431,22 @@ def main(argv: list[str] | None = None) -> int:
             "model": net.state_dict(),
             "optimiser": optimiser.state_dict(),
             "state": state,
+            "widths": list(widths),
             "args": {k: str(v) for k, v in vars(args).items()},
         }
         torch.save(ckpt, run_dir / "last.tmp.pt")
         (run_dir / "last.tmp.pt").replace(last)
         if improved:
-            torch.save({"model": net.state_dict(), "state": state}, run_dir / "best.pt")
-            diff = export_onnx(net, args.model_dir / FILE, args.size)
-            write_manifest(
-                args.model_dir,
-                size=args.size,
-                version=VERSION,
-                training={
-                    "data_digest": digest,
-                    "images": counts["train"],
-                    "val_images": counts["val"],
-                    "epochs": state["epoch"],
-                    "steps": state["step"],
-                    "minutes": round(state["elapsed_s"] / 60, 1),
-                    "seed": args.seed,
-                    "batch": args.batch,
-                    "lr": args.lr,
-                    "params": parameter_count(net),
-                    "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
-                },
-                metrics={
-                    "val_loss": round(metrics["loss"], 4),
-                    "val_image_auroc_quick": round(metrics["auroc"], 4),
-                    "onnx_parity_max_abs_diff": diff,
-                },
-            )
+            best = {
+                "model": net.state_dict(),
+                "state": state,
+                "widths": list(widths),
+                "data": {"digest": digest, "counts": counts},
+                "args": ckpt["args"],
+                "metrics": metrics,
+            }
+            torch.save(best, run_dir / "best.pt")
+            export_model(net, args.model_dir, best)
             print(f"exported epoch {state['epoch']} (val loss {metrics['loss']:.4f})", flush=True)
     print("done", flush=True)
     return 0
