@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         write_compact_checkpoint(args.runs_dir / args.run / "last.pt", args.write_checkpoint)
         return 0
     if args.export_best:
-        best = torch.load(args.runs_dir / args.run / "best.pt", weights_only=False)
+        best = torch.load(
+            args.runs_dir / args.run / "best.pt", weights_only=False, map_location="cpu"
+        )
         net = UNet(widths=tuple(best["widths"]))
         net.load_state_dict(best["model"])
         export_model(net, args.model_dir, best)
@@ -446,8 +448,15 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": metrics,
             }
             torch.save(best, run_dir / "best.pt")
-            export_model(net, args.model_dir, best)
-            print(f"exported epoch {state['epoch']} (val loss {metrics['loss']:.4f})", flush=True)
+            try:
+                export_model(net, args.model_dir, best)
+            except RuntimeError as error:  # ONNX parity: keep training, best.pt is saved
+                print(f"epoch {state['epoch']} not exported: {error}", flush=True)
+            else:
+                print(
+                    f"exported epoch {state['epoch']} (val loss {metrics['loss']:.4f})",
+                    flush=True,
+                )
     print("done", flush=True)
     return 0
 
