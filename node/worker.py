@@ -191,6 +191,13 @@ class Worker(threading.Thread):
                 log.exception("instance_failed", error=type(exc).__name__)
             return InstanceState.FAILED
         self._queue.finish_instance(instance.sop_instance_uid, InstanceState.ANALYSED, None)
+        if result.spacing_mm is None:
+            log.warning(
+                "source_without_pixel_spacing",
+                detail="no positive PixelSpacing or ImagerPixelSpacing: sizes are in pixels, "
+                "the SR has no mm measurements, and some viewers (OHIF) cannot display the "
+                "source; ask the modality's vendor to fill them in",
+            )
         log.info(
             "instance_analysed",
             findings=len(result.findings),

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import structlog
+import structlog.testing
 from pydicom import Dataset, uid
 
 from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
@@ -36,6 +38,7 @@ class Recorder:
     published: list[str] = field(default_factory=list)
     crash_on: set[str] = field(default_factory=set)
     bad_input: set[str] = field(default_factory=set)
+    spacing_mm: tuple[float, float] | None = None
 
     def analyse_file(self, path: Path, /) -> tuple[Dataset, AnalysisResult]:
         ds = pydicom.dcmread(path)
@@ -50,7 +53,7 @@ class Recorder:
         return ds, AnalysisResult(
             findings=(),
             shape=shape,
-            spacing_mm=None,
+            spacing_mm=self.spacing_mm,
             model_name="recorder",
             model_version="0",
             timings_ms={},
@@ -159,6 +162,20 @@ def test_with_hooks_each_chest_image_is_analysed_and_published_once(tmp_path: Pa
         bad.SOPInstanceUID: InstanceState.FAILED,
     }
     assert recorder.published == [good.SOPInstanceUID]
+
+
+@pytest.mark.parametrize(("spacing", "warned"), [(None, True), ((0.15, 0.15), False)])
+def test_a_source_without_pixel_spacing_is_analysed_with_a_warning(
+    tmp_path: Path, spacing: tuple[float, float] | None, warned: bool
+) -> None:
+    """IT staff learn from the log that a modality sends no usable pixel spacing."""
+    recorder = Recorder(spacing_mm=spacing)
+    queue = _received(tmp_path, make_image())
+    with structlog.testing.capture_logs() as logs:
+        assert _run_one(queue, recorder.hooks()) is JobState.DONE
+    events = [e["event"] for e in logs]
+    assert "instance_analysed" in events
+    assert ("source_without_pixel_spacing" in events) is warned
 
 
 def test_a_job_interrupted_mid_way_resumes_without_repeating(tmp_path: Path) -> None:
