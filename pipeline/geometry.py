@@ -32,6 +32,31 @@ def grow(box: Box, margin: int, shape: tuple[int, int]) -> Box:
     )
 
 
+def scale_extent(mask: BoolArray, width: float, height: float) -> BoolArray:
+    """``mask`` scaled about its bounding box's centre by ``width`` × ``height`` (nearest
+    neighbour, pixel centres), clipped to the array; ``mask`` itself when the factors are 1 or
+    the scaled mask would be empty."""
+    box = bounding_box(mask)
+    if box is None or (width == 1.0 and height == 1.0):
+        return mask
+    r0, c0, r1, c1 = box
+    cy, cx = (r0 + r1) / 2.0, (c0 + c1) / 2.0
+    out_r0 = max(0, int(np.floor(cy - (cy - r0) * height)))
+    out_r1 = min(mask.shape[0], int(np.ceil(cy + (r1 - cy) * height)))
+    out_c0 = max(0, int(np.floor(cx - (cx - c0) * width)))
+    out_c1 = min(mask.shape[1], int(np.ceil(cx + (c1 - cx) * width)))
+    src_r = np.floor(cy + (np.arange(out_r0, out_r1) + 0.5 - cy) / height).astype(np.intp)
+    src_c = np.floor(cx + (np.arange(out_c0, out_c1) + 0.5 - cx) / width).astype(np.intp)
+    ok_r, ok_c = (src_r >= r0) & (src_r < r1), (src_c >= c0) & (src_c < c1)
+    patch = mask[np.ix_(np.clip(src_r, r0, r1 - 1), np.clip(src_c, c0, c1 - 1))]
+    patch &= ok_r[:, None] & ok_c[None, :]
+    if not patch.any():
+        return mask
+    out = np.zeros_like(mask)
+    out[out_r0:out_r1, out_c0:out_c1] = patch
+    return out
+
+
 def convex_hull_area(mask: BoolArray) -> float:
     """Area of the convex hull of the pixel squares of ``mask`` (monotone chain)."""
     rows = np.flatnonzero(mask.any(axis=1))

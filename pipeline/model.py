@@ -39,6 +39,11 @@ class Channel:
     alert_threshold: float | None = None
     """S741 for this model: below this probability a finding's grade stays under the alert
     grade (``operating_point.alert_thresholds``; None: the grading table alone decides)."""
+    extent_scale: tuple[float, float] = (1.0, 1.0)
+    """S700 for this model: (width, height) factors by which a finding's region is scaled
+    about its centre (``operating_point.extent_scale``, fitted on training data by
+    ``evaluate --fit-extent-scale``): the network's evidence spreads wider than the lesions
+    radiologists outline. (1, 1): the region as found."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,8 +92,25 @@ def _probability(value: object, key: str) -> float:
     return float(value)
 
 
+def _extent_scale(raw: object, name: str) -> tuple[float, float]:
+    where = f"manifest: operating_point.extent_scale.{name}"
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        raise ModelError(f"{where} must be [width factor, height factor]")
+    try:
+        width, height = float(raw[0]), float(raw[1])
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{where} must hold two numbers") from exc
+    if not (0.5 <= width <= 2.0 and 0.5 <= height <= 2.0):
+        raise ModelError(f"{where} factors must lie in [0.5, 2], got {raw}")
+    return (width, height)
+
+
 def _channel(
-    i: int, raw: object, thresholds: dict[str, Any], alert_thresholds: dict[str, Any]
+    i: int,
+    raw: object,
+    thresholds: dict[str, Any],
+    alert_thresholds: dict[str, Any],
+    extent_scales: dict[str, Any],
 ) -> Channel:
     if not isinstance(raw, dict):
         raise ModelError(f"manifest: channels[{i}] must be an object")
@@ -105,6 +127,9 @@ def _channel(
     alert_threshold = None
     if name in alert_thresholds:
         alert_threshold = _probability(alert_thresholds[name], f"alert_thresholds.{name}")
+    extent_scale = (1.0, 1.0)
+    if name in extent_scales:
+        extent_scale = _extent_scale(extent_scales[name], name)
     return Channel(
         index=i,
         name=name,
@@ -113,6 +138,7 @@ def _channel(
         finding_type=finding_type,
         threshold=threshold,
         alert_threshold=alert_threshold,
+        extent_scale=extent_scale,
     )
 
 
@@ -126,8 +152,11 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     alert_thresholds = op.get("alert_thresholds", {}) if isinstance(op, dict) else {}
     if not isinstance(alert_thresholds, dict):
         raise ModelError("manifest: operating_point.alert_thresholds must be an object")
+    extent_scales = op.get("extent_scale", {}) if isinstance(op, dict) else {}
+    if not isinstance(extent_scales, dict):
+        raise ModelError("manifest: operating_point.extent_scale must be an object")
     channels = tuple(
-        _channel(i, c, thresholds, alert_thresholds)
+        _channel(i, c, thresholds, alert_thresholds, extent_scales)
         for i, c in enumerate(_get(raw, "channels", list, ""))
     )
     if not any(c.kind == "finding" for c in channels):

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from pipeline.config import PipelineConfig
 from pipeline.enhancement import MarkSource, Region
-from pipeline.geometry import Box, grow, simplify_chain, trace_outer_contour
+from pipeline.geometry import Box, grow, scale_extent, simplify_chain, trace_outer_contour
 from pipeline.grading import grade
 from pipeline.lung import LungField, in_lung_fraction, side_and_zone
 from pipeline.result import Finding, FindingGroup, FindingType
@@ -122,8 +122,10 @@ def finding_type_of(channel_type: FindingType, diameter_mm: float, mass_mm: floa
 def make_finding(
     rec: Recognised, pre: Preprocessed, lungs: LungField, config: PipelineConfig
 ) -> Finding | None:
-    """S600 + S710–S742: one graded, coloured finding in the input grid."""
-    up = full_resolution_mask(rec.mask, pre)
+    """S600 + S710–S742: one graded, coloured finding in the input grid, its region scaled
+    by the model's fitted extent (``Channel.extent_scale``) first."""
+    mask = scale_extent(rec.mask, *rec.region.channel.extent_scale)
+    up = full_resolution_mask(mask, pre)
     if up is None:
         return None
     full, box = up
@@ -146,7 +148,7 @@ def make_finding(
         config.alert_grade,
         rec.region.channel.alert_threshold,
     )
-    side, zone = side_and_zone(rec.mask, lungs)
+    side, zone = side_and_zone(mask, lungs)
     return Finding(
         finding_type=finding_type,
         probability=rec.probability,

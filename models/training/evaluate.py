@@ -176,11 +176,16 @@ def pipeline_engine(model_dir: Path, config_path: Path | None = None) -> Engine:
     return run
 
 
-def _model_dir_with_thresholds(model_dir: Path, value: float, tmp: Path) -> Path:
-    """A copy of the model folder whose manifest has every finding threshold set to value."""
+def _model_dir_with_thresholds(
+    model_dir: Path, value: float, tmp: Path, *, extent_scale: bool = True
+) -> Path:
+    """A copy of the model folder whose manifest has every finding threshold set to value
+    (and, with ``extent_scale=False``, no fitted extent: the regions as found)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     for name in manifest["operating_point"]["thresholds"]:
         manifest["operating_point"]["thresholds"][name] = value
+    if not extent_scale:
+        manifest["operating_point"].pop("extent_scale", None)
     shutil.copy(model_dir / manifest["file"], tmp / manifest["file"])
     (tmp / "manifest.json").write_text(json.dumps(manifest))
     return tmp
@@ -435,6 +440,47 @@ def choose_operating_point(
     return thresholds, alerts
 
 
+EXTENT_MIN_IOU = 0.1
+EXTENT_MIN_MATCHES = 50
+
+
+def fit_extent_scale(
+    records: Sequence[Record], results: Sequence[Analysed]
+) -> dict[str, tuple[float, float, int]]:
+    """Per group, (width, height) factors that bring the findings' boxes to the size of the
+    lesions they overlap best (IoU ≥ ``EXTENT_MIN_IOU``): the probability-weighted geometric
+    mean of the lesion / finding size ratios, rounded to 0.01, and the number of matches. A
+    group with fewer than ``EXTENT_MIN_MATCHES`` matches keeps (1, 1): too few to fit."""
+    out = {}
+    for g in GROUPS:
+        truth = _truth(records, g)
+        logs, weights = [], []
+        for i, res in enumerate(results):
+            for f in res.findings:
+                if f.group != g:
+                    continue
+                best, lesion = max(
+                    ((M.iou(f.box, t), t) for t in truth.get(i, [])),
+                    default=(0.0, None),
+                    key=lambda pair: pair[0],
+                )
+                if lesion is None or best < EXTENT_MIN_IOU:
+                    continue
+                logs.append(
+                    (
+                        math.log((lesion[2] - lesion[0]) / (f.box[2] - f.box[0])),
+                        math.log((lesion[3] - lesion[1]) / (f.box[3] - f.box[1])),
+                    )
+                )
+                weights.append(f.probability)
+        if len(logs) < EXTENT_MIN_MATCHES:
+            out[g] = (1.0, 1.0, len(logs))
+            continue
+        mean = np.average(np.array(logs), axis=0, weights=np.array(weights) + 1e-6)
+        out[g] = (round(float(np.exp(mean[0])), 2), round(float(np.exp(mean[1])), 2), len(logs))
+    return out
+
+
 def _update_manifest(model_dir: Path, **sections: Any) -> None:
     path = model_dir / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -496,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         help="pick thresholds on this split's normals and write them to the manifest",
     )
     parser.add_argument(
+        "--fit-extent-scale",
+        action="store_true",
+        help="fit each finding group's region scale on this split (use train) through the "
+        "pipeline, write it to the manifest's operating point, exit",
+    )
+    parser.add_argument(
         "--write-metrics",
         action="store_true",
         help="write the headline figures into the manifest's metrics",
@@ -507,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         records = split_by_patient(records)[args.split]
     if args.limit:
         records = records[: args.limit]
+    if args.fit_extent_scale:
+        return _fit_extent_scale(args, records)
     if args.choose_operating_point:
         chosen, alerts = choose_operating_point(records, args.model_dir, args.data_dir)
         op = json.loads((args.model_dir / "manifest.json").read_text())["operating_point"]
@@ -569,6 +623,35 @@ def main(argv: list[str] | None = None) -> int:
         _update_manifest(args.model_dir, metrics=metrics)
     print(_table(summary))
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'froc.png'}")
+    return 0
+
+
+def _fit_extent_scale(args: argparse.Namespace, records: Sequence[Record]) -> int:
+    """Run the pipeline without a fitted extent (finding thresholds at the sweep value) on
+    ``records``, fit ``extent_scale`` per group and write it to the manifest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        unscaled = _model_dir_with_thresholds(
+            args.model_dir, args.sweep_threshold, Path(tmp), extent_scale=False
+        )
+        engine = pipeline_engine(unscaled, args.config)
+        results = [engine(load_grey(args.data_dir / "images" / f"{r.id}.png")) for r in records]
+    fitted = fit_extent_scale(records, results)
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    op = manifest["operating_point"]
+    op["extent_scale"] = {
+        spec["name"]: list(fitted[spec["group"]][:2])
+        for spec in manifest["channels"]
+        if spec["kind"] == "finding"
+    }
+    op["extent_rule"] = (
+        f"per group, on the {args.split} split through the pipeline (thresholds "
+        f"{args.sweep_threshold}): probability-weighted geometric mean of lesion / finding "
+        f"box size ratios over findings overlapping a lesion at IoU >= {EXTENT_MIN_IOU}, "
+        f"(1, 1) with fewer than {EXTENT_MIN_MATCHES} matches; matches "
+        + ", ".join(f"{g} {v[2]}" for g, v in fitted.items())
+    )
+    _update_manifest(args.model_dir, operating_point=op)
+    print(f"extent scale (width, height, matches): {fitted}")
     return 0
 
 

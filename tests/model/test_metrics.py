@@ -56,3 +56,40 @@ def test_auroc_and_dice() -> None:
     a = np.zeros((4, 4), dtype=bool)
     a[:2] = True
     assert M.dice(a, a) == 1.0 and M.dice(a, ~a) == 0.0
+
+
+def test_extent_scale_fit_brings_findings_to_the_lesions_size() -> None:
+    """Shadow findings twice as wide and 1.25× as high as the lesions they overlap give
+    factors 0.5 × 0.8; findings that overlap nothing do not count; a group with fewer
+    matches than the minimum (spots here) keeps (1, 1)."""
+    from models.training.dataset import Lesion, Record
+    from models.training.evaluate import EXTENT_MIN_MATCHES, Analysed, Found, fit_extent_scale
+
+    n = EXTENT_MIN_MATCHES + 5
+    tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 120.0, 140.0), mask=None)
+    nodule = Lesion(label="nodule", box=(300.0, 300.0, 310.0, 310.0), mask=None)
+    records, results = [], []
+    for i in range(n):
+        records.append(
+            Record(
+                id=f"x{i}",
+                source="tbx11k",
+                patient=f"p{i}",
+                width=512,
+                height=512,
+                lungs=None,
+                findings=(tb, nodule),
+            )
+        )
+        found = [
+            Found(group="shadow", box=(90.0, 95.0, 130.0, 145.0), probability=0.9, alert=None),
+            Found(group="shadow", box=(400.0, 400.0, 450.0, 450.0), probability=0.9, alert=None),
+        ]
+        if i < 5:
+            found.append(
+                Found(group="spot", box=(295.0, 295.0, 315.0, 315.0), probability=0.5, alert=None)
+            )
+        results.append(Analysed(findings=tuple(found), lung=None))
+    fitted = fit_extent_scale(records, results)
+    assert fitted["shadow"] == (0.5, 0.8, n)
+    assert fitted["spot"] == (1.0, 1.0, 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,32 @@ def test_a_bright_disk_is_a_spot_where_it_is(tiny: LesionModel) -> None:
     assert spot.colour == PipelineConfig().grading.colour_of(spot.grade)
     assert set(result.timings_ms) >= STEPS
     assert result.enhanced_image.shape == image.shape
+
+
+def test_s700_a_fitted_extent_scales_the_finding(tmp_path: Path) -> None:
+    """With ``extent_scale`` 0.5 × 0.5 in the manifest the same disk gives a spot whose box
+    is about half as wide and high, centred where it was, and whose mask and contour agree
+    with that box."""
+    image = _chest_like()
+    yy, xx = np.mgrid[:600, :500]
+    image[(yy - 300) ** 2 + (xx - 120) ** 2 <= 40**2] += 2500
+    source = SourceImage(pixels=image.astype(np.uint16), spacing_mm=(0.25, 0.25))
+    folder = build_tiny_model(tmp_path, size=128)
+    boxes = []
+    for scale in (None, [0.5, 0.5]):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["operating_point"]["extent_scale"] = {"spot": scale or [1.0, 1.0]}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        result = analyse(source, load_model(folder, threads=1), PipelineConfig())
+        (spot,) = [f for f in result.findings if f.group is FindingGroup.SPOT]
+        ys, xs = np.nonzero(spot.mask)
+        assert spot.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        boxes.append(spot.box)
+    (a0, b0, a1, b1), (c0, d0, c1, d1) = boxes
+    assert (c1 - c0) == pytest.approx((a1 - a0) / 2, abs=8)
+    assert (d1 - d0) == pytest.approx((b1 - b0) / 2, abs=8)
+    assert (c0 + c1) / 2 == pytest.approx((a0 + a1) / 2, abs=4)
+    assert (d0 + d1) / 2 == pytest.approx((b0 + b1) / 2, abs=4)
 
 
 def test_a_plain_image_has_no_spot(tiny: LesionModel) -> None:

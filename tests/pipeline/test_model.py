@@ -91,6 +91,23 @@ def test_alert_thresholds_reach_their_channels(tmp_path: Path) -> None:
         load_model(folder)
 
 
+def test_extent_scales_reach_their_channels(tmp_path: Path) -> None:
+    """``operating_point.extent_scale`` is read per channel as (width, height); absent means
+    (1, 1); a factor outside [0.5, 2] or a malformed entry is refused at load."""
+    folder = build_tiny_model(tmp_path, size=64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["operating_point"]["extent_scale"] = {"shadow": [0.9, 0.85]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    channels = {c.name: c for c in load_model(folder).manifest.finding_channels}
+    assert channels["shadow"].extent_scale == (0.9, 0.85)
+    assert channels["spot"].extent_scale == (1.0, 1.0)
+    for bad in ([0.3, 1.0], [1.0], "0.9"):
+        manifest["operating_point"]["extent_scale"] = {"shadow": bad}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelError, match=r"extent_scale\.shadow"):
+            load_model(folder)
+
+
 def test_the_shipped_model_loads() -> None:
     """models/manifest.json and its ONNX file agree (skipped until the model is shipped)."""
     if not (REPO / "models" / "manifest.json").is_file():

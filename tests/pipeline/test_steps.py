@@ -26,7 +26,12 @@ from pipeline.enhancement import (
     influence_coefficient,
 )
 from pipeline.evidence import channel_marks
-from pipeline.geometry import bounding_box, convex_hull_area, trace_outer_contour
+from pipeline.geometry import (
+    bounding_box,
+    convex_hull_area,
+    scale_extent,
+    trace_outer_contour,
+)
 from pipeline.grading import grade
 from pipeline.grey import GreyImage, analyse_distribution
 from pipeline.lung import lung_field, side_and_zone
@@ -348,3 +353,21 @@ def test_s300_basins_keep_a_weak_lesion_next_to_a_strong_one() -> None:
     right = max(basins, key=lambda m: m.box[1])
     assert right.box[1] <= 70 < right.box[3] and right.probability == pytest.approx(0.4, abs=0.05)
     assert min(basins, key=lambda m: m.box[1]).box[3] <= right.box[1]
+
+
+def test_s700_extent_scale_shrinks_and_grows_a_region_about_its_centre() -> None:
+    """A 20×20 square scaled by 0.9 × 0.5 keeps its centre and becomes 18 wide, 10 high; by
+    1.2 it grows to 24; (1, 1) returns the mask itself; a region that would vanish is kept;
+    a region at the border is clipped, not wrapped."""
+    m = np.zeros((40, 40), dtype=bool)
+    m[10:30, 5:25] = True
+    assert bounding_box(scale_extent(m, 0.9, 0.5)) == (15, 6, 25, 24)
+    assert bounding_box(scale_extent(m, 1.2, 1.0)) == (10, 3, 30, 27)
+    assert scale_extent(m, 1.0, 1.0) is m
+    dot = np.zeros((10, 10), dtype=bool)
+    dot[4, 4] = True
+    assert np.array_equal(scale_extent(dot, 0.5, 0.5), dot)
+    edge = np.zeros((20, 20), dtype=bool)
+    edge[0:10, 0:10] = True
+    grown = scale_extent(edge, 1.5, 1.5)
+    assert bounding_box(grown) == (0, 0, 12, 12) and grown.sum() == 12 * 12  # ends at 12.5
