@@ -103,6 +103,12 @@ class CandidateConfig:
     """Relative cut for ``peak_relative`` and ``basins``. 0.35 scored best on the validation
     split (model 1.1.0, pipeline: shadow AP50 0.393 vs 0.383 at 0.5, sensitivity
     at 1 FP/image 0.780 vs 0.750; 0.2 was no better than 0.35 with the earlier model)."""
+    support: float | None = 0.05
+    """``peak_relative`` and ``basins``: the evidence level down to which a finding's region
+    may extend (and not below ``peak_fraction`` × its peak), whatever the channel's threshold;
+    the threshold decides only which regions become findings (their peak must reach it). A
+    finding's extent is thus the same at the operating point as in the evaluation's sweep.
+    None: regions stop at the threshold (at a high threshold, only the saturated core)."""
     basin_depth: float = 0.1
     """``basins``: how far (in probability) a peak must rise above the saddle to its
     neighbour to get its own basin."""
@@ -115,6 +121,8 @@ class CandidateConfig:
         _fraction(self.region_weight, "region_weight")
         _fraction(self.peak_fraction, "peak_fraction")
         _fraction(self.basin_depth, "basin_depth", open_low=True)
+        if self.support is not None:
+            _fraction(self.support, "support", open_low=True)
         if self.min_area_px < 1 or self.max_candidates < 1:
             raise ValueError("min_area_px and max_candidates must be at least 1")
 

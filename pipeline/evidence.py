@@ -3,9 +3,10 @@
 The model's per-pixel probabilities are pooled over the S311–S324 regions (each pixel's
 evidence = ``region_weight`` × its region's mean + the rest × its own probability), so marks
 follow anatomical boundaries rather than pixel noise. Initial anomaly marks are then cut from
-each finding channel: connected components above the channel's operating threshold
-(manifest), optionally re-cut at a fraction of each component's own peak
-(``peak_relative``), which separates touching lesions and keeps boxes tight.
+each finding channel: the connected regions whose peak reaches the channel's operating
+threshold (manifest), each re-cut at a fraction of its own peak (``peak_relative``), which
+separates touching lesions and keeps boxes tight, and reaching down to a support level below
+the threshold, so that a finding's extent does not depend on the threshold that detects it.
 """
 
 from __future__ import annotations
@@ -110,21 +111,27 @@ def _cut_at_peak_fraction(
 
 
 def channel_marks(evidence: FloatArray, channel: Channel, config: CandidateConfig) -> list[Mark]:
-    """S300: initial anomaly marks of one finding channel from its pooled evidence map."""
-    above = evidence >= channel.threshold
+    """S300: initial anomaly marks of one finding channel from its pooled evidence map: the
+    regions whose peak reaches the channel's threshold, each extending down to
+    ``peak_fraction`` × its peak but not below ``support`` (``support`` None or strategy
+    ``components``: down to the threshold)."""
+    floor = channel.threshold
+    if config.strategy != "components" and config.support is not None:
+        floor = min(floor, config.support)
+    above = evidence >= floor
     labels, count = connected_components(above)
     if config.strategy != "components" and count:
         if config.strategy == "basins":
             labels, count = _basins(evidence, above, config.basin_depth)
-        kept = _cut_at_peak_fraction(
-            evidence, above, labels, count, channel.threshold, config.peak_fraction
-        )
+        kept = _cut_at_peak_fraction(evidence, above, labels, count, floor, config.peak_fraction)
         if config.strategy == "basins":  # neighbouring basins stay apart after the cut
             kept[:, 1:] &= (labels[:, 1:] == labels[:, :-1]) | (labels[:, :-1] == 0)
             kept[1:, :] &= (labels[1:, :] == labels[:-1, :]) | (labels[:-1, :] == 0)
         labels, count = connected_components(kept, full=config.strategy != "basins")
     marks = []
     for k, (r0, c0, r1, c1), peak in _components(labels, count, evidence):
+        if peak < channel.threshold:  # below the operating point: not a finding
+            continue
         local = labels[r0:r1, c0:c1] == k
         if int(local.sum()) < config.min_area_px:
             continue
