@@ -42,7 +42,7 @@ SOURCE_WEIGHT = {"nih-chestxray14-mass50": 5.0, "covid-seg": 2.0}
 POS_WEIGHT = 2.0
 LUNG_WEIGHT = 0.5
 WARMUP_STEPS = 50
-VERSION = "1.1.0"
+VERSION = "1.1.1"
 
 
 def loss_terms(
