@@ -15,6 +15,7 @@ import numpy as np
 import structlog
 
 from pipeline.attention import attend
+from pipeline.boxes import BoxEvidence
 from pipeline.config import PipelineConfig
 from pipeline.contours import contour_marks
 from pipeline.enhancement import enhance, fuse
@@ -73,7 +74,13 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
     with t.step("s311_watershed"):
         regions = segment_regions(pre.working, config.watershed)
     with t.step("s300_model"):
-        probabilities = model.predict(pre.working[None])[0]
+        probabilities, distances = model.predict_with_boxes(pre.working[None])
+        probabilities = probabilities[0]
+        boxes = (
+            None
+            if distances is None
+            else BoxEvidence(distances=distances[0], probabilities=probabilities)
+        )
     with t.step("s300_marks"):
         evidence = pool_evidence(probabilities, regions, config.candidates.region_weight)
         marks = initial_marks(evidence, finding_channels, config.candidates)
@@ -100,7 +107,7 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
         recognised = select(fused, rescore(fused, again), lungs, config)
     with t.step("s700_findings"):
         findings: list[Finding] = [
-            f for r in recognised if (f := make_finding(r, pre, lungs, config)) is not None
+            f for r in recognised if (f := make_finding(r, pre, lungs, config, boxes)) is not None
         ]
         lung_mask = (
             np.asarray(resize_nearest(lungs.mask, pre.input_shape), dtype=bool)

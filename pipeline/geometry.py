@@ -41,12 +41,34 @@ def scale_extent(mask: BoolArray, width: float, height: float) -> BoolArray:
         return mask
     r0, c0, r1, c1 = box
     cy, cx = (r0 + r1) / 2.0, (c0 + c1) / 2.0
-    out_r0 = max(0, int(np.floor(cy - (cy - r0) * height)))
-    out_r1 = min(mask.shape[0], int(np.ceil(cy + (r1 - cy) * height)))
-    out_c0 = max(0, int(np.floor(cx - (cx - c0) * width)))
-    out_c1 = min(mask.shape[1], int(np.ceil(cx + (c1 - cx) * width)))
-    src_r = np.floor(cy + (np.arange(out_r0, out_r1) + 0.5 - cy) / height).astype(np.intp)
-    src_c = np.floor(cx + (np.arange(out_c0, out_c1) + 0.5 - cx) / width).astype(np.intp)
+    target = (
+        cy - (cy - r0) * height,
+        cx - (cx - c0) * width,
+        cy + (r1 - cy) * height,
+        cx + (c1 - cx) * width,
+    )
+    return fit_to_box(mask, target)
+
+
+def fit_to_box(mask: BoolArray, target: tuple[float, float, float, float]) -> BoolArray:
+    """``mask`` with its bounding box mapped onto ``target`` (row0, col0, row1, col1; pixel
+    edges, fractional), nearest neighbour at pixel centres, clipped to the array: the same
+    shape, moved and stretched into the box. ``mask`` itself when it is empty or the result
+    would be."""
+    box = bounding_box(mask)
+    if box is None:
+        return mask
+    r0, c0, r1, c1 = box
+    tr0, tc0, tr1, tc1 = target
+    if not (tr1 > tr0 and tc1 > tc0):
+        return mask
+    out_r0, out_r1 = max(0, int(np.floor(tr0))), min(mask.shape[0], int(np.ceil(tr1)))
+    out_c0, out_c1 = max(0, int(np.floor(tc0))), min(mask.shape[1], int(np.ceil(tc1)))
+    if out_r1 <= out_r0 or out_c1 <= out_c0:
+        return mask
+    sy, sx = (r1 - r0) / (tr1 - tr0), (c1 - c0) / (tc1 - tc0)
+    src_r = np.floor(r0 + (np.arange(out_r0, out_r1) + 0.5 - tr0) * sy).astype(np.intp)
+    src_c = np.floor(c0 + (np.arange(out_c0, out_c1) + 0.5 - tc0) * sx).astype(np.intp)
     ok_r, ok_c = (src_r >= r0) & (src_r < r1), (src_c >= c0) & (src_c < c1)
     patch = mask[np.ix_(np.clip(src_r, r0, r1 - 1), np.clip(src_c, c0, c1 - 1))]
     patch &= ok_r[:, None] & ok_c[None, :]

@@ -62,6 +62,10 @@ class Manifest:
     output_name: str
     channels: tuple[Channel, ...]
     alert_grade: int | None = None
+    box_output_name: str | None = None
+    """The learned box head's output (``box_output.name``): per working pixel, distances
+    (left, top, right, bottom) in working pixels to the edges of its lesion's box. None: the
+    model has no box head and a finding's box is its region's."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -170,6 +174,10 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     if height < 16 or width < 16:
         raise ModelError("manifest: input height and width must be at least 16")
     alert = op.get("alert_grade") if isinstance(op, dict) else None
+    box_output = raw.get("box_output")
+    if box_output is not None and not isinstance(box_output, dict):
+        raise ModelError("manifest: box_output must be an object")
+    box_output_name = None if box_output is None else _get(box_output, "name", str, "box_output.")
     return Manifest(
         name=_get(raw, "name", str, ""),
         version=_get(raw, "version", str, ""),
@@ -183,6 +191,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         output_name=_get(out, "name", str, "output."),
         channels=channels,
         alert_grade=alert if isinstance(alert, int) else None,
+        box_output_name=box_output_name,
         raw=raw,
     )
 
@@ -205,20 +214,31 @@ class LesionModel:
         return self.manifest.version
 
     def predict(self, images: FloatArray) -> FloatArray:
-        """Run the model on a batch of working-size images (N, H, W) in [0, 1]."""
+        """Run the model on a batch of working-size images (N, H, W) in [0, 1]: the
+        probabilities (N, C, H, W)."""
+        return self.predict_with_boxes(images, boxes=False)[0]
+
+    def predict_with_boxes(
+        self, images: FloatArray, *, boxes: bool = True
+    ) -> tuple[FloatArray, FloatArray | None]:
+        """The probabilities (N, C, H, W) and, when the model has a box head and ``boxes`` is
+        set, its box distances (N, 4, H, W); else None."""
         if images.ndim != 3 or images.shape[1:] != self.manifest.working_shape:
             raise ModelError(
                 f"model input must be (N, {self.manifest.height}, {self.manifest.width}), "
                 f"got {images.shape}"
             )
+        names = [self.manifest.output_name]
+        if boxes and self.manifest.box_output_name is not None:
+            names.append(self.manifest.box_output_name)
         step = self._max_batch or images.shape[0]
-        parts = [self._run(images[i : i + step]) for i in range(0, images.shape[0], step)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        parts = [self._run(images[i : i + step], names) for i in range(0, images.shape[0], step)]
+        outs = [np.concatenate([p[k] for p in parts], axis=0) for k in range(len(names))]
+        return outs[0], (outs[1] if len(outs) > 1 else None)
 
-    def _run(self, batch: FloatArray) -> FloatArray:
+    def _run(self, batch: FloatArray, names: list[str]) -> list[FloatArray]:
         feed = {self.manifest.input_name: np.ascontiguousarray(batch[:, None], dtype=np.float32)}
-        out = self._session.run([self.manifest.output_name], feed)[0]
-        return np.asarray(out, dtype=np.float32)
+        return [np.asarray(o, dtype=np.float32) for o in self._session.run(names, feed)]
 
 
 def _sha256(path: Path) -> str:
@@ -271,12 +291,20 @@ def load_model(model_dir: Path, *, threads: int = 2) -> LesionModel:
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != [manifest.input_name]:
         raise ModelError(f"model inputs {[i.name for i in inputs]} ≠ [{manifest.input_name!r}]")
-    if manifest.output_name not in [o.name for o in outputs]:
-        raise ModelError(f"model has no output named {manifest.output_name!r}")
+    for name in (manifest.output_name, manifest.box_output_name):
+        if name is not None and name not in [o.name for o in outputs]:
+            raise ModelError(f"model has no output named {name!r}")
     _check_dims("input", list(inputs[0].shape), [None, 1, manifest.height, manifest.width])
     model = LesionModel(manifest, session)
-    probe = model.predict(np.zeros((1, *manifest.working_shape), dtype=np.float32))
+    probe, box_probe = model.predict_with_boxes(
+        np.zeros((1, *manifest.working_shape), dtype=np.float32)
+    )
     expected = (1, len(manifest.channels), manifest.height, manifest.width)
     if probe.shape != expected:
         raise ModelError(f"model output shape {probe.shape} ≠ {expected} from the manifest")
+    if box_probe is not None and box_probe.shape != (1, 4, manifest.height, manifest.width):
+        raise ModelError(
+            f"model box output shape {box_probe.shape} ≠ (1, 4, {manifest.height}, "
+            f"{manifest.width})"
+        )
     return model

@@ -16,9 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.boxes import BoxEvidence, predicted_box
 from pipeline.config import PipelineConfig
 from pipeline.enhancement import MarkSource, Region
-from pipeline.geometry import Box, grow, scale_extent, simplify_chain, trace_outer_contour
+from pipeline.geometry import (
+    Box,
+    fit_to_box,
+    grow,
+    scale_extent,
+    simplify_chain,
+    trace_outer_contour,
+)
 from pipeline.grading import grade
 from pipeline.lung import LungField, in_lung_fraction, side_and_zone
 from pipeline.result import Finding, FindingGroup, FindingType
@@ -119,12 +127,26 @@ def finding_type_of(channel_type: FindingType, diameter_mm: float, mass_mm: floa
     return channel_type
 
 
+def finding_region(rec: Recognised, boxes: BoxEvidence | None) -> BoolArray:
+    """S700: the region a finding reports, at working size: fitted into the box the model's
+    box head predicts for it (``pipeline.boxes``), or, for a model without one, scaled by its
+    fitted extent (``Channel.extent_scale``)."""
+    if boxes is not None:
+        box = predicted_box(rec.mask, rec.region.channel.index, boxes)
+        return rec.mask if box is None else fit_to_box(rec.mask, box)
+    return scale_extent(rec.mask, *rec.region.channel.extent_scale)
+
+
 def make_finding(
-    rec: Recognised, pre: Preprocessed, lungs: LungField, config: PipelineConfig
+    rec: Recognised,
+    pre: Preprocessed,
+    lungs: LungField,
+    config: PipelineConfig,
+    boxes: BoxEvidence | None = None,
 ) -> Finding | None:
-    """S600 + S710–S742: one graded, coloured finding in the input grid, its region scaled
-    by the model's fitted extent (``Channel.extent_scale``) first."""
-    mask = scale_extent(rec.mask, *rec.region.channel.extent_scale)
+    """S600 + S710–S742: one graded, coloured finding in the input grid, its region fitted
+    to the model's box for it first (``finding_region``)."""
+    mask = finding_region(rec, boxes)
     up = full_resolution_mask(mask, pre)
     if up is None:
         return None

@@ -16,7 +16,10 @@ import torch
 from torch.nn import functional as F
 
 
-def _affine(n: int, g: torch.Generator) -> torch.Tensor:
+def random_affine(n: int, g: torch.Generator) -> torch.Tensor:
+    """One random affine per sample, as ``F.affine_grid``'s theta (output → input, in
+    normalised coordinates)."""
+
     def u(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=g)
 
@@ -33,10 +36,16 @@ def _affine(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def geometry(
-    image: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, g: torch.Generator
+    image: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    g: torch.Generator,
+    theta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Apply one random affine per sample to image, targets and weights."""
-    theta = _affine(image.shape[0], g)
+    """Apply one random affine per sample (``theta``, or drawn from ``g``) to image, targets
+    and weights."""
+    if theta is None:
+        theta = random_affine(image.shape[0], g)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     target = F.grid_sample(target, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -100,3 +109,26 @@ def intensity(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     _borders(image, g)
     _marks(image, g)
     return image
+
+
+def transform_boxes(
+    boxes: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Boxes (K, 4: x0, y0, x1, y1 in pixels of an H×W image) as they lie after ``geometry``
+    with this sample's ``theta`` (2, 3): the bounding box of the four moved corners, clipped
+    to the image. ``theta`` maps output to input coordinates, so corners move by its inverse."""
+    h, w = size
+    if boxes.numel() == 0:
+        return boxes.reshape(0, 4)
+    x0, y0, x1, y1 = boxes.unbind(1)
+    xs = torch.stack([x0, x1, x1, x0], dim=1) * (2.0 / w) - 1.0
+    ys = torch.stack([y0, y0, y1, y1], dim=1) * (2.0 / h) - 1.0
+    a, t = theta[:, :2], theta[:, 2]
+    inv = torch.linalg.inv(a)
+    u, v = xs - t[0], ys - t[1]
+    ox = inv[0, 0] * u + inv[0, 1] * v
+    oy = inv[1, 0] * u + inv[1, 1] * v
+    px, py = (ox + 1.0) * (w / 2.0), (oy + 1.0) * (h / 2.0)
+    xs0, xs1 = px.amin(1).clamp(0, w), px.amax(1).clamp(0, w)
+    ys0, ys1 = py.amin(1).clamp(0, h), py.amax(1).clamp(0, h)
+    return torch.stack([xs0, ys0, xs1, ys1], dim=1)

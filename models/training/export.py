@@ -21,6 +21,13 @@ NAME = "shadowspot-lesion-unet"
 FILE = "shadowspot-lesion.onnx"
 OPSET = 17
 PARITY_TOLERANCE = 5e-4
+BOX_OUTPUT = "boxes"
+BOX_PARITY_TOLERANCE_PX = 0.05
+BOX_OUTPUT_SPEC = {
+    "name": BOX_OUTPUT,
+    "layout": "(N, 4, H, W): per pixel, distances (left, top, right, bottom) in working "
+    "pixels from the pixel centre to the edges of the box of the lesion it belongs to",
+}
 
 CHANNEL_SPECS: dict[str, dict[str, str]] = {
     "spot": {"name": "spot", "kind": "finding", "group": "spot", "finding_type": "nodule"},
@@ -38,14 +45,37 @@ def sha256_of(path: Path) -> str:
 
 
 def export_onnx(net: UNet, path: Path, size: int) -> float:
-    """Write the ONNX file and return the max |ONNX − PyTorch| on a random batch of two.
+    """Write the U-Net's ONNX file (output ``probabilities``) and return the max
+    |ONNX − PyTorch| on a random batch of two.
 
     Raises ``RuntimeError`` when the difference exceeds ``PARITY_TOLERANCE``.
     """
     model = Exported(copy.deepcopy(net).cpu()).eval()  # wherever it trained
+    return _export(model, path, size, {"probabilities": PARITY_TOLERANCE})["probabilities"]
+
+
+def export_detector_onnx(detector: torch.nn.Module, path: Path, size: int) -> dict[str, float]:
+    """Write the U-Net + box head's ONNX file (outputs ``probabilities`` and ``boxes``) and
+    return the max |ONNX − PyTorch| of each; the boxes (working pixels) may differ by
+    ``BOX_PARITY_TOLERANCE_PX``."""
+    from models.training.boxhead import ExportedDetector
+
+    model = ExportedDetector(copy.deepcopy(detector).cpu()).eval()
+    return _export(
+        model,
+        path,
+        size,
+        {"probabilities": PARITY_TOLERANCE, BOX_OUTPUT: BOX_PARITY_TOLERANCE_PX},
+    )
+
+
+def _export(
+    model: torch.nn.Module, path: Path, size: int, tolerances: dict[str, float]
+) -> dict[str, float]:
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
+    names = list(tolerances)
     # The TorchScript exporter (dynamo=False) needs no onnxscript, which the train extra
     # does not install; torch marks it deprecated, which is all these warnings say.
     with warnings.catch_warnings():
@@ -55,21 +85,24 @@ def export_onnx(net: UNet, path: Path, size: int) -> float:
             (example,),
             str(tmp),
             input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
             opset_version=OPSET,
             dynamo=False,
         )
     with torch.no_grad():
-        expected = model(example).numpy()
+        expected = model(example)
+    expected = (expected,) if isinstance(expected, torch.Tensor) else expected
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"image": example.numpy()})[0]
-    diff = float(np.max(np.abs(got - expected)))
-    if diff > PARITY_TOLERANCE:
-        tmp.unlink()
-        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e}")
+    got = session.run(names, {"image": example.numpy()})
+    pairs = zip(names, got, expected, strict=True)
+    diffs = {n: float(np.max(np.abs(g - e.numpy()))) for n, g, e in pairs}
+    for name, diff in diffs.items():
+        if diff > tolerances[name]:
+            tmp.unlink()
+            raise RuntimeError(f"ONNX output {name} differs from PyTorch by {diff:.2e}")
     tmp.replace(path)
-    return diff
+    return diffs
 
 
 def write_manifest(
@@ -80,6 +113,7 @@ def write_manifest(
     training: dict[str, Any],
     metrics: dict[str, Any],
     operating_point: dict[str, Any] | None = None,
+    boxes: bool = False,
 ) -> Path:
     """Write ``manifest.json`` for ``model_dir/FILE`` (keeps an existing operating point)."""
     path = model_dir / "manifest.json"
@@ -101,6 +135,7 @@ def write_manifest(
             "normalisation": "inside the graph: per-image (x - mean) / (std + 1e-3)",
         },
         "output": {"name": "probabilities", "activation": "sigmoid"},
+        **({"box_output": BOX_OUTPUT_SPEC} if boxes else {}),
         "channels": [CHANNEL_SPECS[c] for c in CHANNELS],
         "operating_point": operating_point,
         "training": training,

@@ -46,16 +46,22 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(x)[0]
+
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the decoder's outputs, coarsest first (H/16 … H/2 with five levels)."""
         skips = [self.stem(x)]
         for block in self.down:
             skips.append(block(skips[-1]))
         y = skips.pop()
+        decoded = []
         for block in self.up:
             skip = skips.pop()
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = block(torch.cat([y, skip], dim=1))
+            decoded.append(y)
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(torch.cat([y, x], dim=1))
+        return self.head(torch.cat([y, x], dim=1)), decoded
 
 
 def normalise(image: torch.Tensor) -> torch.Tensor:

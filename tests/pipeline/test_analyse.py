@@ -95,6 +95,33 @@ def test_s700_a_fitted_extent_scales_the_finding(tmp_path: Path) -> None:
     assert (d0 + d1) / 2 == pytest.approx((b0 + b1) / 2, abs=4)
 
 
+def test_s700_a_box_head_sets_the_finding_box(tmp_path: Path) -> None:
+    """With a box head that says "5 px left and right, 8 px up, 2 px down" at every pixel,
+    the disk's spot becomes a box of 10 × 10 working pixels (39 × 47 input pixels), shifted
+    up from the disk's centre by 3 working pixels; mask, box and contour agree; the fitted
+    extent of the manifest is not applied on top."""
+    image = _chest_like()
+    yy, xx = np.mgrid[:600, :500]
+    image[(yy - 300) ** 2 + (xx - 120) ** 2 <= 40**2] += 2500
+    source = SourceImage(pixels=image.astype(np.uint16), spacing_mm=(0.25, 0.25))
+    folder = build_tiny_model(tmp_path, size=128, box_px=(5.0, 8.0, 5.0, 2.0))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["operating_point"]["extent_scale"] = {"spot": [2.0, 2.0]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = analyse(source, load_model(folder, threads=1), PipelineConfig())
+    (spot,) = [f for f in result.findings if f.group is FindingGroup.SPOT]
+    x0, y0, x1, y1 = spot.box
+    sx, sy = 500 / 128, 600 / 128
+    assert x1 - x0 == pytest.approx(10 * sx, abs=sx + 1)
+    assert y1 - y0 == pytest.approx(10 * sy, abs=sy + 1)
+    assert (x0 + x1) / 2 == pytest.approx(120, abs=2 * sx)
+    assert (y0 + y1) / 2 == pytest.approx(300 - 3 * sy, abs=2 * sy)
+    ys, xs = np.nonzero(spot.mask)
+    assert spot.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    cx, cy = zip(*spot.contour, strict=True)
+    assert x0 - 1 <= min(cx) and max(cx) <= x1 and y0 - 1 <= min(cy) and max(cy) <= y1
+
+
 def test_a_plain_image_has_no_spot(tiny: LesionModel) -> None:
     """Without a lesion the tiny model marks no spot."""
     result = analyse(SourceImage(pixels=_chest_like().astype(np.uint16)), tiny, PipelineConfig())

@@ -29,6 +29,7 @@ from pipeline.evidence import channel_marks
 from pipeline.geometry import (
     bounding_box,
     convex_hull_area,
+    fit_to_box,
     scale_extent,
     trace_outer_contour,
 )
@@ -353,6 +354,49 @@ def test_s300_basins_keep_a_weak_lesion_next_to_a_strong_one() -> None:
     right = max(basins, key=lambda m: m.box[1])
     assert right.box[1] <= 70 < right.box[3] and right.probability == pytest.approx(0.4, abs=0.05)
     assert min(basins, key=lambda m: m.box[1]).box[3] <= right.box[1]
+
+
+def test_s700_fit_to_box_moves_and_stretches_a_region_into_a_box() -> None:
+    """An L-shaped region fitted into a box fills that box's extent, keeps its shape (the
+    notch stays in the same corner), is clipped at the border; a box of no size or beyond
+    the array leaves the region as it was."""
+    m = np.zeros((40, 40), dtype=bool)
+    m[10:20, 10:20] = True
+    m[10:15, 15:20] = False  # notch: top right
+    fitted = fit_to_box(m, (4.0, 20.0, 24.0, 30.0))  # rows 4..24, cols 20..30
+    assert bounding_box(fitted) == (4, 20, 24, 30)
+    assert not fitted[4:14, 25:30].any() and fitted[14:24, 25:30].all()
+    assert fitted[4:24, 20:25].all()
+    assert bounding_box(fit_to_box(m, (30.0, 30.0, 50.0, 50.0))) == (30, 30, 40, 40)
+    assert fit_to_box(m, (5.0, 5.0, 5.0, 9.0)) is m
+    assert fit_to_box(m, (60.0, 60.0, 70.0, 70.0)) is m
+
+
+def test_s700_predicted_box_is_the_weighted_median_of_the_core_votes() -> None:
+    """Core pixels (≥ half the peak) vote for boxes; each edge is their weighted median,
+    so the box of the lesion most of the core lies on wins; weak pixels do not vote."""
+    from pipeline.boxes import BoxEvidence, predicted_box
+
+    p = np.zeros((1, 40, 40), dtype=np.float32)
+    d = np.zeros((4, 40, 40), dtype=np.float32)
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:20, 5:35] = True
+    p[0, 10:20, 5:25] = 0.9  # core on lesion A: boxes rows 8..22, cols 3..27
+    p[0, 10:20, 25:30] = 0.8  # a smaller part on lesion B: rows 0..30, cols 20..40
+    p[0, 10:20, 30:35] = 0.2  # weak: no vote (it would say a huge box)
+    rows, cols = np.mgrid[0:40, 0:40] + 0.5
+    a = (8.0, 3.0, 22.0, 27.0)
+    b = (0.0, 20.0, 30.0, 40.0)
+    for (r0, c0, r1, c1), sel in (
+        (a, (slice(10, 20), slice(5, 25))),
+        (b, (slice(10, 20), slice(25, 30))),
+    ):
+        d[0][sel], d[1][sel] = cols[sel] - c0, rows[sel] - r0
+        d[2][sel], d[3][sel] = c1 - cols[sel], r1 - rows[sel]
+    d[:, 10:20, 30:35] = 100.0
+    box = predicted_box(mask, 0, BoxEvidence(distances=d, probabilities=p))
+    assert box == pytest.approx(a)
+    assert predicted_box(np.zeros_like(mask), 0, BoxEvidence(distances=d, probabilities=p)) is None
 
 
 def test_s700_extent_scale_shrinks_and_grows_a_region_about_its_centre() -> None:

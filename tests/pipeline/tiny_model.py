@@ -25,9 +25,15 @@ def _const(name: str, value: float) -> onnx.NodeProto:
 
 
 def build_tiny_model(
-    folder: Path, *, size: int = 128, channels_spec: list[dict] | None = None
+    folder: Path,
+    *,
+    size: int = 128,
+    channels_spec: list[dict] | None = None,
+    box_px: tuple[float, float, float, float] | None = None,
 ) -> Path:
-    """Write ``tiny.onnx`` and ``manifest.json`` into ``folder``; return the folder."""
+    """Write ``tiny.onnx`` and ``manifest.json`` into ``folder``; return the folder. With
+    ``box_px`` the model has a box head too: output ``boxes`` holds those distances (left,
+    top, right, bottom, working pixels) at every pixel."""
     pool = max(3, size // 8) | 1
     nodes = [
         _const("k_spot", 30.0),
@@ -56,11 +62,24 @@ def build_tiny_model(
         helper.make_node("Sigmoid", ["z_lung"], ["lung"]),
         helper.make_node("Concat", ["spot", "shadow", "lung"], ["probabilities"], axis=1),
     ]
+    outputs = [
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3, size, size])
+    ]
+    if box_px is not None:
+        nodes.append(_const("zero", 0.0))
+        nodes.append(helper.make_node("Mul", ["image", "zero"], ["blank"]))
+        for k, value in enumerate(box_px):
+            nodes.append(_const(f"box_d{k}", float(value)))
+            nodes.append(helper.make_node("Add", ["blank", f"box_d{k}"], [f"plane{k}"]))
+        nodes.append(helper.make_node("Concat", [f"plane{k}" for k in range(4)], ["boxes"], axis=1))
+        outputs.append(
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 4, size, size])
+        )
     graph = helper.make_graph(
         nodes,
         "tiny-lesion",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3, size, size])],
+        outputs,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -88,5 +107,7 @@ def build_tiny_model(
         ],
         "operating_point": {"thresholds": {"spot": 0.5, "shadow": 0.5}, "alert_grade": 3},
     }
+    if box_px is not None:
+        manifest["box_output"] = {"name": "boxes"}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return folder

@@ -1,0 +1,356 @@
+"""Train the learned box head on a frozen U-Net; time-budgeted, resumable, seeded.
+
+    python -m models.training.train_boxes --minutes 45
+
+The U-Net (``--trunk``: a ``train`` run's ``best.pt``, or a box run's ``best.pt`` whose U-Net
+is taken) stays frozen in evaluation mode, so its probabilities are exactly those of the
+model it came from; only ``models.training.boxhead.BoxHead`` learns. Each epoch draws as many
+abnormal training images as there are, with replacement, weighted by source as in ``train``;
+they get the same augmentation as in ``train`` and their boxes move with the geometry. After
+every epoch the run validates (loss, and the IoU of the box predicted at each validation
+lesion's centre), writes ``runs/<run>/last.pt`` and, when the validation loss improved,
+``best.pt`` (U-Net + head) and the ONNX model + manifest in ``--export-dir``. The same command
+resumes from ``last.pt``; ``--export-best`` exports ``best.pt`` again and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.training import augment
+from models.training.boxhead import Detector, box_targets, cell_iou, iou_loss
+from models.training.dataset import LABEL_CHANNEL, packed, read_records
+from models.training.export import (
+    DEFAULT_OPERATING_POINT,
+    FILE,
+    export_detector_onnx,
+    write_manifest,
+)
+from models.training.net import WIDTHS, UNet, normalise, parameter_count
+from models.training.train import DEFAULT_DATA, REPO, SOURCE_WEIGHT, WARMUP_STEPS, _cosine
+
+VERSION = "1.2.0"
+
+
+def record_boxes(data_dir: Path, size: int) -> dict[str, torch.Tensor]:
+    """Each record's lesion boxes (K, 4: x0, y0, x1, y1) at the working size, by id."""
+    out = {}
+    for r in read_records(data_dir):
+        sx, sy = size / r.width, size / r.height
+        rows = [
+            (f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy)
+            for f in r.findings
+            if f.label in LABEL_CHANNEL
+        ]
+        out[r.id] = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+    return out
+
+
+def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
+    """The frozen U-Net of a ``train`` or ``train_boxes`` checkpoint, and where it came from."""
+    ckpt = torch.load(path, weights_only=False, map_location="cpu")
+    widths = tuple(int(w) for w in ckpt.get("widths", WIDTHS))
+    net = UNet(widths=widths)
+    weights = ckpt["model"]
+    if any(k.startswith("net.") for k in weights):  # a Detector's state: take its U-Net
+        weights = {k[4:]: v for k, v in weights.items() if k.startswith("net.")}
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    origin = ckpt.get("trunk") or {"from": str(path), "epoch": ckpt["state"]["epoch"]}
+    return net, widths, origin
+
+
+def freeze(detector: Detector) -> None:
+    """The U-Net learns nothing and stays in evaluation mode (BatchNorm statistics fixed)."""
+    for p in detector.net.parameters():
+        p.requires_grad_(False)
+    detector.net.eval()
+
+
+def _forward(detector: Detector, image: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        _, decoded = detector.net.decode(normalise(image))
+    return detector.boxes([d.detach() for d in decoded])
+
+
+def _batch(
+    arrays: dict[str, np.ndarray], idx: np.ndarray, boxes: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    idx = np.sort(idx)
+    image = torch.from_numpy(arrays["images"][idx]).float().unsqueeze(1) / 255.0
+    target = torch.from_numpy(arrays["targets"][idx]).float() / 255.0
+    weight = torch.from_numpy(arrays["weights"][idx]).float() / 255.0
+    return image, target, weight, [boxes[str(i)] for i in arrays["ids"][idx]]
+
+
+def train_step(
+    detector: Detector,
+    optimiser: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]],
+    g: torch.Generator,
+    augment_batch: bool = True,
+) -> float:
+    """One step of the head on a batch (images, targets, weights, boxes per image)."""
+    image, target, weight, boxes = batch
+    size = (image.shape[-2], image.shape[-1])
+    if augment_batch:
+        theta = augment.random_affine(image.shape[0], g)
+        image, target, weight = augment.geometry(image, target, weight, g, theta=theta)
+        image = augment.intensity(image, g)
+        boxes = [augment.transform_boxes(b, t, size) for b, t in zip(boxes, theta, strict=True)]
+    positive = target[:, :2].amax(dim=1) >= 0.5
+    tgt, index = box_targets(positive, boxes)
+    device = next(detector.boxes.parameters()).device
+    detector.boxes.train()
+    log_pred = _forward(detector, image.to(device))
+    loss = iou_loss(log_pred, tgt.to(device), index.to(device))
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.item())
+
+
+@torch.no_grad()
+def validate(
+    detector: Detector, arrays: dict[str, np.ndarray], rows: np.ndarray, boxes: dict[str, Any]
+) -> dict[str, float]:
+    """Loss on the abnormal validation images (no augmentation); the IoU of the box each
+    lesion's centre cell predicts: its mean and the shares at ≥ 0.3 and ≥ 0.5."""
+    detector.boxes.eval()
+    device = next(detector.boxes.parameters()).device
+    losses, centre = [], []
+    for start in range(0, len(rows), 8):
+        image, target, _, bxs = _batch(arrays, rows[start : start + 8], boxes)
+        positive = target[:, :2].amax(dim=1) >= 0.5
+        tgt, index = box_targets(positive, bxs)
+        log_pred = _forward(detector, image.to(device)).cpu()
+        losses.append(float(iou_loss(log_pred, tgt, index)) * len(image))
+        # each lesion's centre cell alone: a positive-only index
+        only = torch.full_like(index, -1)
+        h, w = index.shape[-2:]
+        for i, b in enumerate(bxs):
+            for k, (x0, y0, x1, y1) in enumerate(b.tolist()):
+                cy = min(h - 1, int((y0 + y1) / 2 / 4))
+                cx = min(w - 1, int((x0 + x1) / 2 / 4))
+                if index[i, cy, cx] >= 0:
+                    only[i, cy, cx] = k
+        if bool((only >= 0).any()):
+            centre += cell_iou(log_pred, tgt, only).tolist()
+    ious = np.array(centre)
+    return {
+        "loss": sum(losses) / len(rows),
+        "centre_iou": float(ious.mean()) if len(ious) else math.nan,
+        "centre_iou_ge_0_3": float((ious >= 0.3).mean()) if len(ious) else math.nan,
+        "centre_iou_ge_0_5": float((ious >= 0.5).mean()) if len(ious) else math.nan,
+    }
+
+
+def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int) -> Path:
+    """ONNX (probabilities + boxes) and a manifest for a best checkpoint in ``export_dir``."""
+    diffs = export_detector_onnx(detector, export_dir / FILE, size)
+    state, run_args = best["state"], best["args"]
+    training = {
+        "data_digest": best["data"]["digest"],
+        "images": best["data"]["counts"]["train"],
+        "val_images": best["data"]["counts"]["val"],
+        "unet": best["trunk"],
+        "box_head": {
+            "epochs": state["epoch"],
+            "steps": state["step"],
+            "minutes": round(state["elapsed_s"] / 60, 1),
+            "seed": int(run_args["seed"]),
+            "batch": int(run_args["batch"]),
+            "lr": float(run_args["lr"]),
+            "abnormal_images": best["data"]["abnormal_train"],
+            "params": parameter_count(detector.boxes),
+        },
+        "params": parameter_count(detector),
+        "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
+    }
+    metrics = {f"box_val_{k}": round(v, 4) for k, v in best["metrics"].items()}
+    metrics["onnx_parity_max_abs_diff"] = diffs["probabilities"]
+    metrics["onnx_parity_boxes_max_abs_diff_px"] = diffs["boxes"]
+    return write_manifest(
+        export_dir,
+        size=size,
+        version=VERSION,
+        training=training,
+        metrics=metrics,
+        operating_point=_operating_point(export_dir),
+        boxes=True,
+    )
+
+
+def _operating_point(export_dir: Path) -> dict[str, Any]:
+    """The export's own operating point, else the shipped model's (same U-Net, so the same
+    thresholds) without its fitted extent scale, which the box head replaces."""
+    for manifest in (export_dir / "manifest.json", REPO / "models" / "manifest.json"):
+        if manifest.exists():
+            op = dict(json.loads(manifest.read_text()).get("operating_point", {}))
+            op.pop("extent_scale", None)
+            op.pop("extent_rule", None)
+            return op
+    return dict(DEFAULT_OPERATING_POINT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--trunk",
+        type=Path,
+        default=REPO / "models" / "training" / "runs" / "main" / "best.pt",
+        help="the U-Net: a train run's best.pt, or a train_boxes checkpoint",
+    )
+    parser.add_argument("--minutes", type=float, default=45.0)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--run", default="boxes")
+    parser.add_argument("--runs-dir", type=Path, default=REPO / "models" / "training" / "runs")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / "models" / "training" / "cache")
+    parser.add_argument("--export-dir", type=Path, default=None, help="default: runs/<run>/export")
+    parser.add_argument("--export-best", action="store_true", help="export best.pt, exit")
+    args = parser.parse_args(argv)
+    run_dir = args.runs_dir / args.run
+    export_dir = args.export_dir or run_dir / "export"
+    if args.export_best:
+        best = torch.load(run_dir / "best.pt", weights_only=False, map_location="cpu")
+        detector = Detector(UNet(widths=tuple(best["widths"])), tuple(best["widths"]))
+        detector.load_state_dict(best["model"])
+        export(detector.eval(), export_dir, best, int(best["args"]["size"]))
+        print(f"exported epoch {best['state']['epoch']} to {export_dir}", flush=True)
+        return 0
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    paths, digest, counts = packed(args.data.resolve(), args.size, args.cache_dir)
+    train = dict(np.load(paths["train"]))
+    val = dict(np.load(paths["val"]))
+    boxes = record_boxes(args.data.resolve(), args.size)
+    train_rows = np.array([i for i, x in enumerate(train["ids"]) if len(boxes[str(x)])])
+    val_rows = np.array([i for i, x in enumerate(val["ids"]) if len(boxes[str(x)])])
+    if len(train_rows) < args.batch or len(val_rows) == 0:
+        raise SystemExit(
+            f"{args.data}: {len(train_rows)} abnormal training and {len(val_rows)} validation "
+            f"images; the box head needs at least --batch ({args.batch}) and 1"
+        )
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = run_dir / "last.pt"
+    resume = torch.load(last, weights_only=False, map_location="cpu") if last.exists() else None
+    net, widths, trunk = load_trunk(args.trunk if resume is None else last)
+    detector = Detector(net, widths)
+    if resume is not None:
+        detector.load_state_dict(resume["model"])
+        trunk = resume["trunk"]
+    detector.to(device)
+    freeze(detector)
+    optimiser = torch.optim.AdamW(detector.boxes.parameters(), lr=args.lr, weight_decay=1e-4)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best": math.inf}
+    state["history"] = []
+    if resume is not None:
+        optimiser.load_state_dict(resume["optimiser"])
+        state = resume["state"]
+        print(f"resumed {last} at epoch {state['epoch']}", flush=True)
+    print(
+        f"box head params {parameter_count(detector.boxes)} on U-Net {trunk} "
+        f"abnormal train {len(train_rows)} val {len(val_rows)} device {device}",
+        flush=True,
+    )
+    stop = {"now": False}
+
+    def _stop(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    budget = args.minutes * 60
+    source_w = np.array([SOURCE_WEIGHT.get(str(train["sources"][i]), 1.0) for i in train_rows])
+    source_w /= source_w.sum()
+    while state["elapsed_s"] < budget and not stop["now"]:
+        epoch = state["epoch"]
+        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        rng = np.random.default_rng(args.seed * 100_003 + epoch)
+        order = rng.choice(train_rows, size=len(train_rows), replace=True, p=source_w)
+        losses = []
+        for start in range(0, len(order) - args.batch + 1, args.batch):
+            t0 = time.monotonic()
+            warm = min(1.0, (state["step"] + 1) / WARMUP_STEPS)
+            for group in optimiser.param_groups:
+                group["lr"] = args.lr * warm * _cosine(state["elapsed_s"], budget)
+            batch = _batch(train, order[start : start + args.batch], boxes)
+            losses.append(train_step(detector, optimiser, batch, g))
+            state["step"] += 1
+            state["elapsed_s"] += time.monotonic() - t0
+            if state["elapsed_s"] >= budget or stop["now"]:
+                break
+        t0 = time.monotonic()
+        metrics = validate(detector, val, val_rows, boxes)
+        state["elapsed_s"] += time.monotonic() - t0
+        state["epoch"] += 1
+        record = {
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "minutes": round(state["elapsed_s"] / 60, 2),
+            "train_loss": float(np.mean(losses)) if losses else None,
+            **{f"val_{k}": round(v, 4) for k, v in metrics.items()},
+        }
+        state["history"].append(record)
+        print(json.dumps(record), flush=True)
+        improved = metrics["loss"] < state["best"]
+        if improved:
+            state["best"], state["best_epoch"] = metrics["loss"], state["epoch"]
+        run_args = {k: str(v) for k, v in vars(args).items()}
+        ckpt = {
+            "model": detector.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "state": state,
+            "widths": list(widths),
+            "trunk": trunk,
+            "args": run_args,
+        }
+        torch.save(ckpt, run_dir / "last.tmp.pt")
+        (run_dir / "last.tmp.pt").replace(last)
+        if improved:
+            best = {
+                "model": detector.state_dict(),
+                "state": state,
+                "widths": list(widths),
+                "trunk": trunk,
+                "data": {
+                    "digest": digest,
+                    "counts": counts,
+                    "abnormal_train": len(train_rows),
+                },
+                "args": run_args,
+                "metrics": metrics,
+            }
+            torch.save(best, run_dir / "best.pt")
+            try:
+                export(detector, export_dir, best, args.size)
+            except RuntimeError as error:
+                print(f"epoch {state['epoch']} not exported: {error}", flush=True)
+            else:
+                print(f"exported epoch {state['epoch']} to {export_dir}", flush=True)
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The learned box head cannot rot: its targets, its loss, a training step that leaves the
+U-Net alone, and the command from a trained U-Net to an ONNX model the pipeline loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="torch is the training-only extra (pip install -e .[train]; make test does)"
+)
+
+from models.training import augment  # noqa: E402
+from models.training.boxhead import (  # noqa: E402
+    SCALE_PX,
+    Detector,
+    box_targets,
+    cell_iou,
+    iou_loss,
+)
+from models.training.net import UNet  # noqa: E402
+
+SIZE = 64
+WIDTHS = (8, 16, 24, 32, 48)
+
+
+def test_boxes_move_with_the_augmentation_geometry() -> None:
+    """A filled rectangle warped by ``geometry`` has the bounding box ``transform_boxes``
+    computes for it, within a pixel."""
+    g = torch.Generator().manual_seed(3)
+    boxes = torch.tensor([[10.0, 12.0, 30.0, 40.0], [40.0, 5.0, 60.0, 20.0]])
+    image = torch.zeros(2, 1, SIZE, SIZE)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+        image[i, 0, y0:y1, x0:x1] = 1.0
+    theta = augment.random_affine(2, g)
+    warped, _, _ = augment.geometry(image, image.clone(), image.clone(), g, theta=theta)
+    for i in range(2):
+        ys, xs = torch.nonzero(warped[i, 0] > 0.5, as_tuple=True)
+        seen = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        moved = augment.transform_boxes(boxes[i : i + 1], theta[i], (SIZE, SIZE))[0]
+        assert moved.tolist() == pytest.approx([float(v) for v in seen], abs=1.0)
+
+
+def test_targets_give_each_lesion_cell_the_distances_to_its_smallest_box() -> None:
+    """Cells on a lesion get the distances to the edges of the smallest box holding them;
+    a lesion smaller than a cell still gets its centre cell; other cells are no target."""
+    positive = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+    positive[0, 8:40, 8:40] = True  # a large lesion, with a small one inside
+    boxes = [
+        torch.tensor([[8.0, 8.0, 40.0, 40.0], [20.0, 20.0, 28.0, 28.0], [50.0, 50.0, 51.0, 51.0]])
+    ]
+    target, index = box_targets(positive, boxes, stride=4)
+    # cell (row 2, col 2): centre (10, 10), in the large box only
+    assert index[0, 2, 2] == 0
+    assert target[0, :, 2, 2].tolist() == pytest.approx([2.0, 2.0, 30.0, 30.0])
+    # cell (5, 5): centre (22, 22), in both boxes: the smaller one
+    assert index[0, 5, 5] == 1
+    assert target[0, :, 5, 5].tolist() == pytest.approx([2.0, 2.0, 6.0, 6.0])
+    # the 1-pixel lesion at (50, 50) is not on ``positive`` but its centre cell is a target
+    assert index[0, 12, 12] == 2
+    assert int((index[0] >= 0).sum()) == 64 + 1
+    assert index[0, 0, 0] == -1
+
+
+def test_iou_loss_is_zero_for_the_right_boxes_and_grows_with_the_error() -> None:
+    positive = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+    positive[0, 16:48, 16:48] = True
+    target, index = box_targets(positive, [torch.tensor([[16.0, 16.0, 48.0, 48.0]])], stride=4)
+    exact = torch.log(target.clamp(min=1e-3) / SCALE_PX)
+    assert float(iou_loss(exact, target, index)) == pytest.approx(0.0, abs=1e-4)
+    assert cell_iou(exact, target, index).min() > 0.999
+    worse = exact + 0.3
+    assert float(iou_loss(worse, target, index)) > 0.1
+    none = torch.full_like(index, -1)
+    assert float(iou_loss(worse, target, none)) == 0.0
+
+
+def test_a_box_step_trains_the_head_and_leaves_the_unet_as_it_was() -> None:
+    from models.training.train_boxes import freeze, train_step
+
+    torch.manual_seed(0)
+    detector = Detector(UNet(widths=WIDTHS), WIDTHS)
+    freeze(detector)
+    unet = {k: v.clone() for k, v in detector.net.state_dict().items()}
+    head = [p.detach().clone() for p in detector.boxes.parameters()]
+    optimiser = torch.optim.AdamW(detector.boxes.parameters(), lr=1e-2)
+    images = torch.rand(2, 1, SIZE, SIZE)
+    targets = torch.zeros(2, 3, SIZE, SIZE)
+    targets[0, 1, 20:40, 10:30] = 1.0
+    targets[1, 0, 40:48, 40:48] = 1.0
+    boxes = [torch.tensor([[10.0, 20.0, 30.0, 40.0]]), torch.tensor([[40.0, 40.0, 48.0, 48.0]])]
+    batch = (images, targets, torch.ones(2, 2, SIZE, SIZE), boxes)
+    losses = [
+        train_step(detector, optimiser, batch, torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    assert all(np.isfinite(loss) and loss > 0 for loss in losses)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(head, detector.boxes.parameters(), strict=True)
+    )
+    for k, v in detector.net.state_dict().items():
+        assert torch.equal(v, unet[k]), k  # weights and BatchNorm statistics
+
+
+def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path: Path) -> None:
+    """``train`` a tiny U-Net, ``train_boxes`` a head on it for a moment: the export has both
+    outputs, its manifest names the box output and the U-Net it extends, and
+    ``pipeline.model.load_model`` opens it and returns probabilities equal to the U-Net's
+    own export and box distances of the working size."""
+    from models.training.train import main as train_main
+    from models.training.train_boxes import main as boxes_main
+    from pipeline.model import load_model
+    from tests.model.folders import folder_with_normals
+
+    data = folder_with_normals(tmp_path / "data")
+    rows = [json.loads(line) for line in (data / "annotations.jsonl").read_text().splitlines()]
+    for i in range(4):  # more abnormal patients, so that training has lesions too
+        rows.append({**rows[0], "id": f"a{i}", "patient": f"pa{i}"})
+        (data / "images" / f"a{i}.png").write_bytes((data / "images" / "a.png").read_bytes())
+    (data / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--data", str(data), "--size", str(SIZE), "--cache-dir", str(tmp_path / "cache")]
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "--threads", "1"]
+    widths = ",".join(map(str, WIDTHS))
+    unet_dir, box_dir = tmp_path / "unet", tmp_path / "boxes"
+    unet_args = [*common, *runs, "--batch", "2", "--minutes", "0.01", "--widths", widths]
+    assert train_main([*unet_args, "--model-dir", str(unet_dir)]) == 0
+    trunk = tmp_path / "runs" / "main" / "best.pt"
+    args = [*common, *runs, "--batch", "1", "--trunk", str(trunk), "--export-dir", str(box_dir)]
+    assert boxes_main([*args, "--minutes", "0.01"]) == 0
+    manifest = json.loads((box_dir / "manifest.json").read_text())
+    assert manifest["box_output"]["name"] == "boxes"
+    assert manifest["training"]["unet"]["from"] == str(trunk)
+    assert "extent_scale" not in manifest["operating_point"]
+    assert boxes_main([*args, "--minutes", "0.02"]) == 0  # resumes
+    state = torch.load(tmp_path / "runs" / "boxes" / "last.pt", weights_only=False)["state"]
+    assert state["epoch"] >= 2
+
+    model, plain = load_model(box_dir, threads=1), load_model(unet_dir, threads=1)
+    image = np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32)
+    probabilities, distances = model.predict_with_boxes(image)
+    assert distances is not None and distances.shape == (1, 4, SIZE, SIZE)
+    assert (distances > 0).all()
+    np.testing.assert_allclose(probabilities, plain.predict(image), atol=1e-4)
+    assert plain.predict_with_boxes(image)[1] is None
