@@ -23,7 +23,7 @@ from pipeline.evidence import initial_marks, pool_evidence
 from pipeline.grey import to_grey
 from pipeline.lung import lung_field
 from pipeline.model import LesionModel
-from pipeline.recognition import make_finding, rescore, select
+from pipeline.recognition import make_finding, rescore, select, suppress_coinciding
 from pipeline.result import AnalysisResult, Finding, SourceImage
 from pipeline.watershed import segment_regions
 from pipeline.window import Preprocessed, preprocess, resize, resize_nearest
@@ -109,6 +109,8 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
         findings: list[Finding] = [
             f for r in recognised if (f := make_finding(r, pre, lungs, config, boxes)) is not None
         ]
+        if boxes is not None:
+            findings = suppress_coinciding(findings)
         lung_mask = (
             np.asarray(resize_nearest(lungs.mask, pre.input_shape), dtype=bool)
             if lungs.found

@@ -44,6 +44,10 @@ class Channel:
     about its centre (``operating_point.extent_scale``, fitted on training data by
     ``evaluate --fit-extent-scale``): the network's evidence spreads wider than the lesions
     radiologists outline. (1, 1): the region as found."""
+    box_weight: float = 1.0
+    """S700 for a model with a box head: the head's share in a finding's box; the rest is the
+    box of the region scaled by ``extent_scale`` (``operating_point.box_weight``, fitted on
+    training data by ``evaluate --fit-box-weight``). Without a box head it plays no part."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +119,7 @@ def _channel(
     thresholds: dict[str, Any],
     alert_thresholds: dict[str, Any],
     extent_scales: dict[str, Any],
+    box_weights: dict[str, Any],
 ) -> Channel:
     if not isinstance(raw, dict):
         raise ModelError(f"manifest: channels[{i}] must be an object")
@@ -134,6 +139,11 @@ def _channel(
     extent_scale = (1.0, 1.0)
     if name in extent_scales:
         extent_scale = _extent_scale(extent_scales[name], name)
+    box_weight = box_weights.get(name, 1.0)
+    if not isinstance(box_weight, int | float) or isinstance(box_weight, bool):
+        raise ModelError(f"manifest: operating_point.box_weight.{name} must be a number")
+    if not 0.0 <= box_weight <= 1.0:
+        raise ModelError(f"manifest: operating_point.box_weight.{name} must lie in [0, 1]")
     return Channel(
         index=i,
         name=name,
@@ -143,6 +153,7 @@ def _channel(
         threshold=threshold,
         alert_threshold=alert_threshold,
         extent_scale=extent_scale,
+        box_weight=float(box_weight),
     )
 
 
@@ -159,8 +170,11 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     extent_scales = op.get("extent_scale", {}) if isinstance(op, dict) else {}
     if not isinstance(extent_scales, dict):
         raise ModelError("manifest: operating_point.extent_scale must be an object")
+    box_weights = op.get("box_weight", {}) if isinstance(op, dict) else {}
+    if not isinstance(box_weights, dict):
+        raise ModelError("manifest: operating_point.box_weight must be an object")
     channels = tuple(
-        _channel(i, c, thresholds, alert_thresholds, extent_scales)
+        _channel(i, c, thresholds, alert_thresholds, extent_scales, box_weights)
         for i, c in enumerate(_get(raw, "channels", list, ""))
     )
     if not any(c.kind == "finding" for c in channels):

@@ -21,6 +21,7 @@ from pipeline.config import PipelineConfig
 from pipeline.enhancement import MarkSource, Region
 from pipeline.geometry import (
     Box,
+    bounding_box,
     fit_to_box,
     grow,
     scale_extent,
@@ -83,6 +84,26 @@ def select(
     return keep
 
 
+def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def suppress_coinciding(findings: list[Finding]) -> list[Finding]:
+    """S700 with a box head: two regions of one lesion get (nearly) the same predicted box;
+    of findings of one group whose boxes overlap with IoU > 0.5 only the most probable one
+    stays (as S600 does for regions)."""
+    keep: list[Finding] = []
+    for f in sorted(findings, key=lambda f: f.probability, reverse=True):
+        if not any(k.group is f.group and _box_iou(k.box, f.box) > _NMS_IOU for k in keep):
+            keep.append(f)
+    return keep
+
+
 def full_resolution_mask(mask: BoolArray, pre: Preprocessed) -> tuple[BoolArray, Box] | None:
     """The working-resolution mask in the input grid (linear upsampling, cut at 0.5)."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -128,13 +149,26 @@ def finding_type_of(channel_type: FindingType, diameter_mm: float, mass_mm: floa
 
 
 def finding_region(rec: Recognised, boxes: BoxEvidence | None) -> BoolArray:
-    """S700: the region a finding reports, at working size: fitted into the box the model's
-    box head predicts for it (``pipeline.boxes``), or, for a model without one, scaled by its
-    fitted extent (``Channel.extent_scale``)."""
-    if boxes is not None:
-        box = predicted_box(rec.mask, rec.region.channel.index, boxes)
-        return rec.mask if box is None else fit_to_box(rec.mask, box)
-    return scale_extent(rec.mask, *rec.region.channel.extent_scale)
+    """S700: the region a finding reports, at working size. Its own region scaled by the
+    model's fitted extent (``Channel.extent_scale``); with a box head (``pipeline.boxes``),
+    the region fitted into the blend of that box and the box the head predicts for it, the
+    head weighing ``Channel.box_weight``."""
+    channel = rec.region.channel
+    scaled = scale_extent(rec.mask, *channel.extent_scale)
+    if boxes is None:
+        return scaled
+    head = predicted_box(rec.mask, channel.index, boxes)
+    own = bounding_box(scaled)
+    if head is None or own is None:
+        return scaled
+    w = channel.box_weight
+    target = (
+        w * head[0] + (1 - w) * own[0],
+        w * head[1] + (1 - w) * own[1],
+        w * head[2] + (1 - w) * own[2],
+        w * head[3] + (1 - w) * own[3],
+    )
+    return fit_to_box(rec.mask, target)
 
 
 def make_finding(

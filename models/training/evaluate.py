@@ -177,15 +177,25 @@ def pipeline_engine(model_dir: Path, config_path: Path | None = None) -> Engine:
 
 
 def _model_dir_with_thresholds(
-    model_dir: Path, value: float, tmp: Path, *, extent_scale: bool = True
+    model_dir: Path,
+    value: float,
+    tmp: Path,
+    *,
+    extent_scale: bool = True,
+    box_weight: float | None = None,
 ) -> Path:
     """A copy of the model folder whose manifest has every finding threshold set to value
-    (and, with ``extent_scale=False``, no fitted extent: the regions as found)."""
+    (with ``extent_scale=False``, no fitted extent: the regions as found; with
+    ``box_weight``, that weight of the box head for every finding channel)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     for name in manifest["operating_point"]["thresholds"]:
         manifest["operating_point"]["thresholds"][name] = value
     if not extent_scale:
         manifest["operating_point"].pop("extent_scale", None)
+    if box_weight is not None:
+        manifest["operating_point"]["box_weight"] = dict.fromkeys(
+            manifest["operating_point"]["thresholds"], box_weight
+        )
     shutil.copy(model_dir / manifest["file"], tmp / manifest["file"])
     (tmp / "manifest.json").write_text(json.dumps(manifest))
     return tmp
@@ -481,6 +491,57 @@ def fit_extent_scale(
     return out
 
 
+BOX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def blend_findings(own: Analysed, head: Analysed, weight: float) -> list[Found]:
+    """One image's findings with boxes ``weight`` × the box head's + the rest × the region's
+    own: ``own`` and ``head`` are the pipeline's findings at box weight 0 and 1, which differ
+    only in S700's box, so they pair by group and probability; a finding only one run kept
+    keeps its box. Of same-group findings overlapping at IoU > 0.5 the more probable stays."""
+    by_key: dict[tuple[str, float], list[Found]] = {}
+    for f in head.findings:
+        by_key.setdefault((f.group, round(f.probability, 6)), []).append(f)
+    blended = []
+    for f in own.findings:
+        mates = by_key.get((f.group, round(f.probability, 6)))
+        if not mates:
+            blended.append(f)
+            continue
+        h = mates.pop(0)
+        box = tuple(weight * a + (1 - weight) * b for a, b in zip(h.box, f.box, strict=True))
+        blended.append(dataclasses.replace(f, box=box))
+    blended += [f for mates in by_key.values() for f in mates]
+    kept: list[Found] = []
+    for f in sorted(blended, key=lambda f: f.probability, reverse=True):
+        if not any(k.group == f.group and M.iou(k.box, f.box) > 0.5 for k in kept):
+            kept.append(f)
+    return kept
+
+
+def fit_box_weight(
+    records: Sequence[Record], own: Sequence[Analysed], head: Sequence[Analysed]
+) -> dict[str, tuple[float, dict[float, float]]]:
+    """Per group, the weight of ``BOX_WEIGHTS`` whose blended boxes (``blend_findings``)
+    reach the highest AP50 on ``records``, ties to the smaller weight, and every weight's
+    AP50."""
+    out = {}
+    for g in GROUPS:
+        truth = _truth(records, g)
+        ap = {}
+        for w in BOX_WEIGHTS:
+            dets = [
+                M.Detection(image=i, box=f.box, score=f.probability)
+                for i, (o, h) in enumerate(zip(own, head, strict=True))
+                for f in blend_findings(o, h, w)
+                if f.group == g
+            ]
+            ap[w] = round(M.average_precision(dets, truth, 0.5), 4)
+        best = max(BOX_WEIGHTS, key=lambda w: (ap[w], -w))
+        out[g] = (best, ap)
+    return out
+
+
 def _update_manifest(model_dir: Path, **sections: Any) -> None:
     path = model_dir / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -548,6 +609,12 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline, write it to the manifest's operating point, exit",
     )
     parser.add_argument(
+        "--fit-box-weight",
+        action="store_true",
+        help="a model with a box head: fit each finding group's box weight on this split "
+        "(use train) through the pipeline, write it to the manifest's operating point, exit",
+    )
+    parser.add_argument(
         "--write-metrics",
         action="store_true",
         help="write the headline figures into the manifest's metrics",
@@ -561,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         records = records[: args.limit]
     if args.fit_extent_scale:
         return _fit_extent_scale(args, records)
+    if args.fit_box_weight:
+        return _fit_box_weight(args, records)
     if args.choose_operating_point:
         chosen, alerts = choose_operating_point(records, args.model_dir, args.data_dir)
         op = json.loads((args.model_dir / "manifest.json").read_text())["operating_point"]
@@ -652,6 +721,40 @@ def _fit_extent_scale(args: argparse.Namespace, records: Sequence[Record]) -> in
     )
     _update_manifest(args.model_dir, operating_point=op)
     print(f"extent scale (width, height, matches): {fitted}")
+    return 0
+
+
+def _fit_box_weight(args: argparse.Namespace, records: Sequence[Record]) -> int:
+    """Run the pipeline at box weight 0 and 1 (finding thresholds at the sweep value) on
+    ``records``, fit ``box_weight`` per group and write it to the manifest."""
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    if "box_output" not in manifest:
+        raise SystemExit(f"{args.model_dir}: the model has no box head (box_output)")
+    runs = []
+    for weight in (0.0, 1.0):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = _model_dir_with_thresholds(
+                args.model_dir, args.sweep_threshold, Path(tmp), box_weight=weight
+            )
+            engine = pipeline_engine(folder, args.config)
+            runs.append(
+                [engine(load_grey(args.data_dir / "images" / f"{r.id}.png")) for r in records]
+            )
+    fitted = fit_box_weight(records, *runs)
+    op = manifest["operating_point"]
+    op["box_weight"] = {
+        spec["name"]: fitted[spec["group"]][0]
+        for spec in manifest["channels"]
+        if spec["kind"] == "finding"
+    }
+    op["box_weight_rule"] = (
+        f"per group, on the {args.split} split through the pipeline (thresholds "
+        f"{args.sweep_threshold}): the weight of {list(BOX_WEIGHTS)} with the highest AP50, "
+        "ties to the smaller; AP50 by weight: "
+        + "; ".join(f"{g} {v[1]}" for g, v in fitted.items())
+    )
+    _update_manifest(args.model_dir, operating_point=op)
+    print(f"box weight (weight, AP50 by weight): {fitted}")
     return 0
 
 

@@ -192,13 +192,10 @@ def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int
 
 def _operating_point(export_dir: Path) -> dict[str, Any]:
     """The export's own operating point, else the shipped model's (same U-Net, so the same
-    thresholds) without its fitted extent scale, which the box head replaces."""
+    thresholds and extent scale; the box weight is fitted afterwards)."""
     for manifest in (export_dir / "manifest.json", REPO / "models" / "manifest.json"):
         if manifest.exists():
-            op = dict(json.loads(manifest.read_text()).get("operating_point", {}))
-            op.pop("extent_scale", None)
-            op.pop("extent_rule", None)
-            return op
+            return dict(json.loads(manifest.read_text()).get("operating_point", {}))
     return dict(DEFAULT_OPERATING_POINT)
 
 

@@ -132,7 +132,6 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     manifest = json.loads((box_dir / "manifest.json").read_text())
     assert manifest["box_output"]["name"] == "boxes"
     assert manifest["training"]["unet"]["from"] == str(trunk)
-    assert "extent_scale" not in manifest["operating_point"]
     assert boxes_main([*args, "--minutes", "0.02"]) == 0  # resumes
     state = torch.load(tmp_path / "runs" / "boxes" / "last.pt", weights_only=False)["state"]
     assert state["epoch"] >= 2

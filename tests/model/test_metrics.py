@@ -93,3 +93,40 @@ def test_extent_scale_fit_brings_findings_to_the_lesions_size() -> None:
     fitted = fit_extent_scale(records, results)
     assert fitted["shadow"] == (0.5, 0.8, n)
     assert fitted["spot"] == (1.0, 1.0, 5)
+
+
+def test_box_weight_fit_picks_the_blend_closest_to_the_lesions() -> None:
+    """Findings whose region box is too wide (IoU 0.45) and whose head box is too narrow
+    (0.2) hit the lesion at IoU ≥ 0.5 only when blended (weights 0.25–0.75): the smallest of
+    those is chosen; findings of the two runs pair by group and probability; a finding only
+    one run kept keeps its own box; a group whose every weight scores alike (spots: none
+    found) keeps weight 0."""
+    from models.training.dataset import Lesion, Record
+    from models.training.evaluate import Analysed, Found, blend_findings, fit_box_weight
+
+    tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
+    records, own, head = [], [], []
+    for i in range(6):
+        records.append(
+            Record(
+                id=f"x{i}",
+                source="tbx11k",
+                patient=f"p{i}",
+                width=512,
+                height=512,
+                lungs=None,
+                findings=(tb,),
+            )
+        )
+        p = 0.9 - 0.01 * i
+        wide = Found(group="shadow", box=(40.0, 100.0, 260.0, 200.0), probability=p, alert=None)
+        narrow = Found(group="shadow", box=(140.0, 100.0, 160.0, 200.0), probability=p, alert=None)
+        extra = Found(group="shadow", box=(300.0, 300.0, 340.0, 340.0), probability=0.3, alert=None)
+        own.append(Analysed(findings=(wide, extra), lung=None))
+        head.append(Analysed(findings=(narrow,), lung=None))
+    halfway = blend_findings(own[0], head[0], 0.5)
+    assert [f.box for f in halfway] == [(90.0, 100.0, 210.0, 200.0), extra.box]
+    fitted = fit_box_weight(records, own, head)
+    weight, ap = fitted["shadow"]
+    assert ap == {0.0: 0.0, 0.25: 1.0, 0.5: 1.0, 0.75: 1.0, 1.0: 0.0} and weight == 0.25
+    assert fitted["spot"][0] == 0.0

@@ -121,6 +121,18 @@ def test_s700_a_box_head_sets_the_finding_box(tmp_path: Path) -> None:
     cx, cy = zip(*spot.contour, strict=True)
     assert x0 - 1 <= min(cx) and max(cx) <= x1 and y0 - 1 <= min(cy) and max(cy) <= y1
 
+    # box_weight 0: the region's own box (extent 1); 0.5: halfway between it and the head's
+    widths = {}
+    for weight in (0.0, 0.5):
+        manifest["operating_point"]["extent_scale"] = {"spot": [1.0, 1.0]}
+        manifest["operating_point"]["box_weight"] = {"spot": weight}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        result = analyse(source, load_model(folder, threads=1), PipelineConfig())
+        (spot,) = [f for f in result.findings if f.group is FindingGroup.SPOT]
+        widths[weight] = spot.box[2] - spot.box[0]
+    assert widths[0.0] > 60  # the disk is 81 px wide
+    assert widths[0.5] == pytest.approx((widths[0.0] + 10 * sx) / 2, abs=sx + 1)
+
 
 def test_a_plain_image_has_no_spot(tiny: LesionModel) -> None:
     """Without a lesion the tiny model marks no spot."""

@@ -108,6 +108,31 @@ def test_extent_scales_reach_their_channels(tmp_path: Path) -> None:
             load_model(folder)
 
 
+def test_a_box_head_is_checked_at_load_and_its_weights_read(tmp_path: Path) -> None:
+    """``box_output`` names an output the graph must have, of shape (1, 4, H, W);
+    ``operating_point.box_weight`` is read per channel (absent: 1, the head alone) and must
+    be a number in [0, 1]."""
+    folder = build_tiny_model(tmp_path, size=64, box_px=(3.0, 3.0, 3.0, 3.0))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["operating_point"]["box_weight"] = {"shadow": 0.25}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    model = load_model(folder)
+    channels = {c.name: c for c in model.manifest.finding_channels}
+    assert (channels["shadow"].box_weight, channels["spot"].box_weight) == (0.25, 1.0)
+    _, distances = model.predict_with_boxes(np.zeros((2, 64, 64), dtype=np.float32))
+    assert distances is not None and distances.shape == (2, 4, 64, 64)
+    for bad in (1.5, -0.1, "0.5", True):
+        manifest["operating_point"]["box_weight"] = {"shadow": bad}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelError, match=r"box_weight\.shadow"):
+            load_model(folder)
+    manifest["operating_point"].pop("box_weight")
+    manifest["box_output"] = {"name": "box_distances"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="no output named 'box_distances'"):
+        load_model(folder)
+
+
 def test_the_shipped_model_loads() -> None:
     """models/manifest.json and its ONNX file agree (skipped until the model is shipped)."""
     if not (REPO / "models" / "manifest.json").is_file():

@@ -415,3 +415,36 @@ def test_s700_extent_scale_shrinks_and_grows_a_region_about_its_centre() -> None
     edge[0:10, 0:10] = True
     grown = scale_extent(edge, 1.5, 1.5)
     assert bounding_box(grown) == (0, 0, 12, 12) and grown.sum() == 12 * 12  # ends at 12.5
+
+
+def test_s700_findings_whose_boxes_coincide_keep_the_most_probable_per_group() -> None:
+    """With a box head two regions of one lesion can get nearly the same box: of same-group
+    findings overlapping at IoU > 0.5 the most probable stays; another group's finding on
+    the same box and a finding that overlaps less both stay."""
+    from pipeline.recognition import suppress_coinciding
+    from pipeline.result import Finding, FindingType
+
+    def finding(kind: FindingType, p: float, box: tuple[int, int, int, int]) -> Finding:
+        mask = np.zeros((100, 100), dtype=bool)
+        mask[box[1] : box[3], box[0] : box[2]] = True
+        x0, y0, x1, y1 = box
+        return Finding(
+            finding_type=kind,
+            probability=p,
+            grade=1,
+            colour=(255, 255, 0),
+            alert=False,
+            box=box,
+            contour=((x0, y0), (x1, y0), (x1, y1), (x0, y1)),
+            area_mm2=None,
+            side=None,
+            zone=None,
+            mask=mask,
+        )
+
+    low = finding(FindingType.OPACITY, 0.6, (10, 10, 50, 50))
+    high = finding(FindingType.OPACITY, 0.9, (12, 12, 52, 52))
+    spot = finding(FindingType.NODULE, 0.5, (10, 10, 50, 50))
+    apart = finding(FindingType.OPACITY, 0.7, (35, 35, 75, 75))
+    kept = suppress_coinciding([low, high, spot, apart])
+    assert kept == [high, apart, spot]
