@@ -51,16 +51,21 @@ def main() -> int:
     session = ort.InferenceSession(
         str(args.model_dir / manifest["file"]), options, providers=["CPUExecutionProvider"]
     )
+    # every output the pipeline reads: the probabilities and, with a box head, the boxes
+    outputs = [manifest["output"]["name"]]
+    if "box_output" in manifest:
+        outputs.append(manifest["box_output"]["name"])
     rng = np.random.default_rng(0)
     image = rng.random((1, 1, h, w), dtype=np.float32)
     for _ in range(3):
-        session.run(["probabilities"], {"image": image})
-    infer = _times(lambda: session.run(["probabilities"], {"image": image}), args.runs)
+        session.run(outputs, {"image": image})
+    infer = _times(lambda: session.run(outputs, {"image": image}), args.runs)
     raw = rng.integers(0, 4096, size=(2048, 2048), dtype=np.uint16)
     prep = _times(lambda: prepare(raw, h, w), max(3, args.runs // 5))
     result = {
         "model": f"{manifest['name']} {manifest['version']}",
         "working_size": [h, w],
+        "outputs": outputs,
         "threads": args.threads,
         "inference_ms_median": round(statistics.median(infer), 1),
         "inference_ms_p90": round(sorted(infer)[int(0.9 * (len(infer) - 1))], 1),

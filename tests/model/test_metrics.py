@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.training import metrics as M
 
@@ -130,3 +133,33 @@ def test_box_weight_fit_picks_the_blend_closest_to_the_lesions() -> None:
     weight, ap = fitted["shadow"]
     assert ap == {0.0: 0.0, 0.25: 1.0, 0.5: 1.0, 0.75: 1.0, 1.0: 0.0} and weight == 0.25
     assert fitted["spot"][0] == 0.0
+
+
+def test_evaluate_fits_a_box_weight_and_scores_a_folder_through_the_pipeline(
+    tmp_path: Path,
+) -> None:
+    """The commands as a new model's author runs them, on a generated folder and the tiny
+    ONNX model with a box head: ``--fit-box-weight`` writes a weight per finding channel
+    and its rule into the manifest; the evaluation then writes its summary and FROC plot. A
+    model without a box head is refused a box weight."""
+    from models.training.evaluate import main
+    from tests.model.folders import folder_with_normals
+    from tests.pipeline.tiny_model import build_tiny_model
+
+    data = folder_with_normals(tmp_path / "data")
+    model = build_tiny_model(tmp_path / "model", size=64, box_px=(6.0, 6.0, 6.0, 6.0))
+    common = [str(data), "--split", "all", "--model-dir", str(model), "--out", str(tmp_path / "e")]
+    assert main([*common, "--fit-box-weight"]) == 0
+    op = json.loads((model / "manifest.json").read_text())["operating_point"]
+    assert set(op["box_weight"]) == {"spot", "shadow"}
+    assert all(w in (0.0, 0.25, 0.5, 0.75, 1.0) for w in op["box_weight"].values())
+    assert "AP50 by weight" in op["box_weight_rule"]
+    assert main(common) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["model"]["operating_point"]["box_weight"] == op["box_weight"]
+    assert (tmp_path / "e" / "froc.png").stat().st_size > 0
+    plain = build_tiny_model(tmp_path / "plain", size=64)
+    with pytest.raises(SystemExit, match="no box head"):
+        main(
+            [str(data), "--model-dir", str(plain), "--out", str(tmp_path / "p"), "--fit-box-weight"]
+        )
