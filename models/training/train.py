@@ -19,11 +19,8 @@ and optimiser run on the device.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,7 @@ from torch.nn import functional as F
 from models.training import augment
 from models.training.dataset import FINDING_CHANNELS, packed, read_pack, write_pack
 from models.training.export import FILE, export_onnx, write_manifest
+from models.training.loop import run_epochs
 from models.training.net import WIDTHS, UNet, parameter_count
 
 REPO = Path(__file__).resolve().parents[2]
@@ -380,55 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    stop = {"now": False}
-
-    def _stop(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-
     budget = args.minutes * 60
     state["budget_s"] = budget
     source_w = np.array([SOURCE_WEIGHT.get(str(s), 1.0) for s in train["sources"]])
     source_w /= source_w.sum()
-    n_train = len(train["images"])
-    while state["elapsed_s"] < budget and not stop["now"]:
-        epoch = state["epoch"]
-        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-        rng = np.random.default_rng(args.seed * 100_003 + epoch)
-        order = rng.choice(n_train, size=n_train, replace=True, p=source_w)
-        losses = []
-        for start in range(0, n_train - args.batch + 1, args.batch):
-            t0 = time.monotonic()
-            for group in optimiser.param_groups:
-                group["lr"] = _lr(
-                    args.lr, state["step"], state["elapsed_s"], budget, state.get("lr_ramp")
-                )
-            losses.append(
-                train_step(net, optimiser, _batch(train, order[start : start + args.batch]), g)
-            )
-            state["step"] += 1
-            state["elapsed_s"] += time.monotonic() - t0
-            if state["elapsed_s"] >= budget or stop["now"]:
-                break
-        t0 = time.monotonic()
-        metrics = validate(net, val, args.batch)
-        state["elapsed_s"] += time.monotonic() - t0
-        state["epoch"] += 1
-        record = {
-            "epoch": state["epoch"],
-            "step": state["step"],
-            "minutes": round(state["elapsed_s"] / 60, 2),
-            "train_loss": float(np.mean(losses)) if losses else None,
-            **{f"val_{k}": round(v, 4) for k, v in metrics.items()},
-        }
-        state["history"].append(record)
-        print(json.dumps(record), flush=True)
-        improved = metrics["loss"] < state["best"]
-        if improved:
-            state["best"] = metrics["loss"]
-            state["best_epoch"] = state["epoch"]
+
+    def after_epoch(metrics: dict[str, float], improved: bool) -> None:
         ckpt = {
             "model": net.state_dict(),
             "optimiser": optimiser.state_dict(),
@@ -438,25 +393,37 @@ def main(argv: list[str] | None = None) -> int:
         }
         torch.save(ckpt, run_dir / "last.tmp.pt")
         (run_dir / "last.tmp.pt").replace(last)
-        if improved:
-            best = {
-                "model": net.state_dict(),
-                "state": state,
-                "widths": list(widths),
-                "data": {"digest": digest, "counts": counts},
-                "args": ckpt["args"],
-                "metrics": metrics,
-            }
-            torch.save(best, run_dir / "best.pt")
-            try:
-                export_model(net, args.model_dir, best)
-            except RuntimeError as error:  # ONNX parity: keep training, best.pt is saved
-                print(f"epoch {state['epoch']} not exported: {error}", flush=True)
-            else:
-                print(
-                    f"exported epoch {state['epoch']} (val loss {metrics['loss']:.4f})",
-                    flush=True,
-                )
+        if not improved:
+            return
+        best = {
+            "model": net.state_dict(),
+            "state": state,
+            "widths": list(widths),
+            "data": {"digest": digest, "counts": counts},
+            "args": ckpt["args"],
+            "metrics": metrics,
+        }
+        torch.save(best, run_dir / "best.pt")
+        try:
+            export_model(net, args.model_dir, best)
+        except RuntimeError as error:  # ONNX parity: keep training, best.pt is saved
+            print(f"epoch {state['epoch']} not exported: {error}", flush=True)
+        else:
+            print(f"exported epoch {state['epoch']} (val loss {metrics['loss']:.4f})", flush=True)
+
+    run_epochs(
+        state,
+        budget_s=budget,
+        rows=np.arange(len(train["images"])),
+        weights=source_w,
+        batch=args.batch,
+        seed=args.seed,
+        optimiser=optimiser,
+        lr=lambda st: _lr(args.lr, st["step"], st["elapsed_s"], budget, st.get("lr_ramp")),
+        step=lambda idx, g: train_step(net, optimiser, _batch(train, idx), g),
+        validate=lambda: validate(net, val, args.batch),
+        after_epoch=after_epoch,
+    )
     print("done", flush=True)
     return 0
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from models.training.export import (
     export_detector_onnx,
     write_manifest,
 )
+from models.training.loop import run_epochs
 from models.training.net import WIDTHS, UNet, normalise, parameter_count
 from models.training.train import DEFAULT_DATA, REPO, SOURCE_WEIGHT, WARMUP_STEPS, _cosine
 
@@ -65,7 +64,9 @@ def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
     if any(k.startswith("net.") for k in weights):  # a Detector's state: take its U-Net
         weights = {k[4:]: v for k, v in weights.items() if k.startswith("net.")}
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
-    origin = ckpt.get("trunk") or {"from": str(path), "epoch": ckpt["state"]["epoch"]}
+    where = path.resolve()
+    name = str(where.relative_to(REPO)) if where.is_relative_to(REPO) else str(where)
+    origin = ckpt.get("trunk") or {"from": name, "epoch": ckpt["state"]["epoch"]}
     return net, widths, origin
 
 
@@ -205,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trunk",
         type=Path,
-        default=REPO / "models" / "training" / "runs" / "main" / "best.pt",
-        help="the U-Net: a train run's best.pt, or a train_boxes checkpoint",
+        default=REPO / "models" / "training" / "box-checkpoint.pt",
+        help="the U-Net: a train run's best.pt, or a train_boxes checkpoint (default: the "
+        "shipped model's, whose U-Net is 1.1.0's epoch 41)",
     )
     parser.add_argument("--minutes", type=float, default=45.0)
     parser.add_argument("--size", type=int, default=384)
@@ -270,50 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         f"abnormal train {len(train_rows)} val {len(val_rows)} device {device}",
         flush=True,
     )
-    stop = {"now": False}
-
-    def _stop(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     budget = args.minutes * 60
     source_w = np.array([SOURCE_WEIGHT.get(str(train["sources"][i]), 1.0) for i in train_rows])
     source_w /= source_w.sum()
-    while state["elapsed_s"] < budget and not stop["now"]:
-        epoch = state["epoch"]
-        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-        rng = np.random.default_rng(args.seed * 100_003 + epoch)
-        order = rng.choice(train_rows, size=len(train_rows), replace=True, p=source_w)
-        losses = []
-        for start in range(0, len(order) - args.batch + 1, args.batch):
-            t0 = time.monotonic()
-            warm = min(1.0, (state["step"] + 1) / WARMUP_STEPS)
-            for group in optimiser.param_groups:
-                group["lr"] = args.lr * warm * _cosine(state["elapsed_s"], budget)
-            batch = _batch(train, order[start : start + args.batch], boxes)
-            losses.append(train_step(detector, optimiser, batch, g))
-            state["step"] += 1
-            state["elapsed_s"] += time.monotonic() - t0
-            if state["elapsed_s"] >= budget or stop["now"]:
-                break
-        t0 = time.monotonic()
-        metrics = validate(detector, val, val_rows, boxes)
-        state["elapsed_s"] += time.monotonic() - t0
-        state["epoch"] += 1
-        record = {
-            "epoch": state["epoch"],
-            "step": state["step"],
-            "minutes": round(state["elapsed_s"] / 60, 2),
-            "train_loss": float(np.mean(losses)) if losses else None,
-            **{f"val_{k}": round(v, 4) for k, v in metrics.items()},
-        }
-        state["history"].append(record)
-        print(json.dumps(record), flush=True)
-        improved = metrics["loss"] < state["best"]
-        if improved:
-            state["best"], state["best_epoch"] = metrics["loss"], state["epoch"]
-        run_args = {k: str(v) for k, v in vars(args).items()}
+    run_args = {k: str(v) for k, v in vars(args).items()}
+
+    def after_epoch(metrics: dict[str, float], improved: bool) -> None:
         ckpt = {
             "model": detector.state_dict(),
             "optimiser": optimiser.state_dict(),
@@ -324,27 +288,34 @@ def main(argv: list[str] | None = None) -> int:
         }
         torch.save(ckpt, run_dir / "last.tmp.pt")
         (run_dir / "last.tmp.pt").replace(last)
-        if improved:
-            best = {
-                "model": detector.state_dict(),
-                "state": state,
-                "widths": list(widths),
-                "trunk": trunk,
-                "data": {
-                    "digest": digest,
-                    "counts": counts,
-                    "abnormal_train": len(train_rows),
-                },
-                "args": run_args,
-                "metrics": metrics,
-            }
-            torch.save(best, run_dir / "best.pt")
-            try:
-                export(detector, export_dir, best, args.size)
-            except RuntimeError as error:
-                print(f"epoch {state['epoch']} not exported: {error}", flush=True)
-            else:
-                print(f"exported epoch {state['epoch']} to {export_dir}", flush=True)
+        if not improved:
+            return
+        data = {"digest": digest, "counts": counts, "abnormal_train": len(train_rows)}
+        best = {k: v for k, v in ckpt.items() if k != "optimiser"}
+        best.update(data=data, metrics=metrics)
+        torch.save(best, run_dir / "best.pt")
+        try:
+            export(detector, export_dir, best, args.size)
+        except RuntimeError as error:  # ONNX parity: keep training, best.pt is saved
+            print(f"epoch {state['epoch']} not exported: {error}", flush=True)
+        else:
+            print(f"exported epoch {state['epoch']} to {export_dir}", flush=True)
+
+    run_epochs(
+        state,
+        budget_s=budget,
+        rows=train_rows,
+        weights=source_w,
+        batch=args.batch,
+        seed=args.seed,
+        optimiser=optimiser,
+        lr=lambda st: (
+            args.lr * min(1.0, (st["step"] + 1) / WARMUP_STEPS) * _cosine(st["elapsed_s"], budget)
+        ),
+        step=lambda idx, g: train_step(detector, optimiser, _batch(train, idx, boxes), g),
+        validate=lambda: validate(detector, val, val_rows, boxes),
+        after_epoch=after_epoch,
+    )
     print("done", flush=True)
     return 0
 
