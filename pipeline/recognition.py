@@ -35,6 +35,7 @@ from pipeline.window import Preprocessed, resize
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
+Fractional = tuple[float, float, float, float]
 
 _NMS_IOU = 0.5
 
@@ -148,27 +149,46 @@ def finding_type_of(channel_type: FindingType, diameter_mm: float, mass_mm: floa
     return channel_type
 
 
-def finding_region(rec: Recognised, boxes: BoxEvidence | None) -> BoolArray:
-    """S700: the region a finding reports, at working size. Its own region scaled by the
-    model's fitted extent (``Channel.extent_scale``); with a box head (``pipeline.boxes``),
-    the region fitted into the blend of that box and the box the head predicts for it, the
-    head weighing ``Channel.box_weight``."""
-    channel = rec.region.channel
-    scaled = scale_extent(rec.mask, *channel.extent_scale)
+def finding_box(rec: Recognised, boxes: BoxEvidence | None) -> Fractional | None:
+    """S700 with a box head (``pipeline.boxes``): the box a finding reports (row0, col0,
+    row1, col1; fractional working pixels), the blend of the box the head predicts for it
+    and its own region's box scaled by the fitted extent (``Channel.extent_scale``), the head
+    weighing ``Channel.box_weight``. None without a box head."""
     if boxes is None:
-        return scaled
+        return None
+    channel = rec.region.channel
     head = predicted_box(rec.mask, channel.index, boxes)
-    own = bounding_box(scaled)
+    own = bounding_box(scale_extent(rec.mask, *channel.extent_scale))
     if head is None or own is None:
-        return scaled
+        return None
     w = channel.box_weight
-    target = (
+    return (
         w * head[0] + (1 - w) * own[0],
         w * head[1] + (1 - w) * own[1],
         w * head[2] + (1 - w) * own[2],
         w * head[3] + (1 - w) * own[3],
     )
-    return fit_to_box(rec.mask, target)
+
+
+def finding_region(
+    rec: Recognised, pre: Preprocessed, boxes: BoxEvidence | None
+) -> tuple[BoolArray, BoolArray, Box] | None:
+    """S700: the region a finding reports, at working size and in the input grid, with its
+    box (x0, y0, x1, y1) there. With a box head the region is fitted into ``finding_box``
+    in the input grid itself, so that the box's edges are not rounded to working pixels;
+    without one it is the region scaled by the fitted extent. None for an empty region."""
+    target = finding_box(rec, boxes)
+    if target is None:
+        mask = scale_extent(rec.mask, *rec.region.channel.extent_scale)
+        up = full_resolution_mask(mask, pre)
+        return None if up is None else (mask, *up)
+    up = full_resolution_mask(rec.mask, pre)
+    if up is None:
+        return None
+    sr, sc = pre.scale
+    full = fit_to_box(up[0], (target[0] * sr, target[1] * sc, target[2] * sr, target[3] * sc))
+    r0, c0, r1, c1 = bounding_box(full) or (0, 0, 0, 0)
+    return fit_to_box(rec.mask, target), full, (c0, r0, c1, r1)
 
 
 def make_finding(
@@ -180,11 +200,10 @@ def make_finding(
 ) -> Finding | None:
     """S600 + S710–S742: one graded, coloured finding in the input grid, its region fitted
     to the model's box for it first (``finding_region``)."""
-    mask = finding_region(rec, boxes)
-    up = full_resolution_mask(mask, pre)
-    if up is None:
+    region = finding_region(rec, pre, boxes)
+    if region is None:
         return None
-    full, box = up
+    mask, full, box = region
     area_px = int(full.sum())
     spacing = pre.spacing_mm
     if spacing is not None:
