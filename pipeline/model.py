@@ -70,6 +70,11 @@ class Manifest:
     """The learned box head's output (``box_output.name``): per working pixel, distances
     (left, top, right, bottom) in working pixels to the edges of its lesion's box. None: the
     model has no box head and a finding's box is its region's."""
+    box_file: str | None = None
+    """The ONNX file that computes both outputs (``box_output.file``), so that ``file`` can
+    be the network without the head for the runs that need only probabilities; None: ``file``
+    has both outputs."""
+    box_sha256: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -191,7 +196,12 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     box_output = raw.get("box_output")
     if box_output is not None and not isinstance(box_output, dict):
         raise ModelError("manifest: box_output must be an object")
-    box_output_name = None if box_output is None else _get(box_output, "name", str, "box_output.")
+    box_output_name = box_file = box_sha256 = None
+    if box_output is not None:
+        box_output_name = _get(box_output, "name", str, "box_output.")
+        if "file" in box_output:
+            box_file = _get(box_output, "file", str, "box_output.")
+            box_sha256 = _get(box_output, "sha256", str, "box_output.").lower()
     return Manifest(
         name=_get(raw, "name", str, ""),
         version=_get(raw, "version", str, ""),
@@ -206,6 +216,8 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         channels=channels,
         alert_grade=alert if isinstance(alert, int) else None,
         box_output_name=box_output_name,
+        box_file=box_file,
+        box_sha256=box_sha256,
         raw=raw,
     )
 
@@ -213,9 +225,15 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
 class LesionModel:
     """A loaded, verified model: ``predict`` maps (N, H, W) [0, 1] images to (N, C, H, W)."""
 
-    def __init__(self, manifest: Manifest, session: ort.InferenceSession) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        session: ort.InferenceSession,
+        box_session: ort.InferenceSession | None = None,
+    ) -> None:
         self.manifest = manifest
         self._session = session
+        self._box_session = box_session
         batch = session.get_inputs()[0].shape[0]
         self._max_batch = batch if isinstance(batch, int) else None
 
@@ -243,16 +261,22 @@ class LesionModel:
                 f"got {images.shape}"
             )
         names = [self.manifest.output_name]
+        session = self._session
         if boxes and self.manifest.box_output_name is not None:
             names.append(self.manifest.box_output_name)
+            session = self._box_session or self._session
         step = self._max_batch or images.shape[0]
-        parts = [self._run(images[i : i + step], names) for i in range(0, images.shape[0], step)]
+        parts = [
+            self._run(session, images[i : i + step], names) for i in range(0, images.shape[0], step)
+        ]
         outs = [np.concatenate([p[k] for p in parts], axis=0) for k in range(len(names))]
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
-    def _run(self, batch: FloatArray, names: list[str]) -> list[FloatArray]:
+    def _run(
+        self, session: ort.InferenceSession, batch: FloatArray, names: list[str]
+    ) -> list[FloatArray]:
         feed = {self.manifest.input_name: np.ascontiguousarray(batch[:, None], dtype=np.float32)}
-        return [np.asarray(o, dtype=np.float32) for o in self._session.run(names, feed)]
+        return [np.asarray(o, dtype=np.float32) for o in session.run(names, feed)]
 
 
 def _sha256(path: Path) -> str:
@@ -284,6 +308,27 @@ def _open_session(path: Path, threads: int) -> ort.InferenceSession:
         raise ModelError(f"cannot load {path}: {exc}") from exc
 
 
+def _verified_session(
+    model_dir: Path, file: str, sha256: str, threads: int
+) -> ort.InferenceSession:
+    path = model_dir / file
+    if not path.is_file():
+        raise ModelError(f"the model file {path} named by the manifest does not exist")
+    if _sha256(path) != sha256:
+        raise ModelError(f"{path} does not match the manifest's sha256")
+    return _open_session(path, threads)
+
+
+def _check_io(session: ort.InferenceSession, manifest: Manifest, outputs: list[str]) -> None:
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [manifest.input_name]:
+        raise ModelError(f"model inputs {[i.name for i in inputs]} ≠ [{manifest.input_name!r}]")
+    for name in outputs:
+        if name not in [o.name for o in session.get_outputs()]:
+            raise ModelError(f"model has no output named {name!r}")
+    _check_dims("input", list(inputs[0].shape), [None, 1, manifest.height, manifest.width])
+
+
 def load_model(model_dir: Path, *, threads: int = 2) -> LesionModel:
     """Load and verify the model described by ``<model_dir>/manifest.json``."""
     manifest_path = model_dir / MANIFEST
@@ -296,26 +341,28 @@ def load_model(model_dir: Path, *, threads: int = 2) -> LesionModel:
     if not isinstance(raw, dict):
         raise ModelError(f"{manifest_path} must hold a JSON object")
     manifest = parse_manifest(raw)
-    onnx_path = model_dir / manifest.file
-    if not onnx_path.is_file():
-        raise ModelError(f"the model file {onnx_path} named by the manifest does not exist")
-    if _sha256(onnx_path) != manifest.sha256:
-        raise ModelError(f"{onnx_path} does not match the manifest's sha256")
-    session = _open_session(onnx_path, threads)
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if [i.name for i in inputs] != [manifest.input_name]:
-        raise ModelError(f"model inputs {[i.name for i in inputs]} ≠ [{manifest.input_name!r}]")
-    for name in (manifest.output_name, manifest.box_output_name):
-        if name is not None and name not in [o.name for o in outputs]:
-            raise ModelError(f"model has no output named {name!r}")
-    _check_dims("input", list(inputs[0].shape), [None, 1, manifest.height, manifest.width])
-    model = LesionModel(manifest, session)
-    probe, box_probe = model.predict_with_boxes(
-        np.zeros((1, *manifest.working_shape), dtype=np.float32)
-    )
+    session = _verified_session(model_dir, manifest.file, manifest.sha256, threads)
+    wanted = [manifest.output_name]
+    box_session = None
+    if manifest.box_output_name is not None:
+        if manifest.box_file is None:
+            wanted.append(manifest.box_output_name)
+        else:
+            assert manifest.box_sha256 is not None
+            box_session = _verified_session(
+                model_dir, manifest.box_file, manifest.box_sha256, threads
+            )
+            _check_io(box_session, manifest, [manifest.output_name, manifest.box_output_name])
+    _check_io(session, manifest, wanted)
+    model = LesionModel(manifest, session, box_session)
+    blank = np.zeros((1, *manifest.working_shape), dtype=np.float32)
     expected = (1, len(manifest.channels), manifest.height, manifest.width)
-    if probe.shape != expected:
-        raise ModelError(f"model output shape {probe.shape} ≠ {expected} from the manifest")
+    probes = [model.predict(blank)]
+    with_boxes, box_probe = model.predict_with_boxes(blank)
+    probes.append(with_boxes)
+    for probe in probes:
+        if probe.shape != expected:
+            raise ModelError(f"model output shape {probe.shape} ≠ {expected} from the manifest")
     if box_probe is not None and box_probe.shape != (1, 4, manifest.height, manifest.width):
         raise ModelError(
             f"model box output shape {box_probe.shape} ≠ (1, 4, {manifest.height}, "

@@ -196,7 +196,9 @@ def _model_dir_with_thresholds(
         manifest["operating_point"]["box_weight"] = dict.fromkeys(
             manifest["operating_point"]["thresholds"], box_weight
         )
-    shutil.copy(model_dir / manifest["file"], tmp / manifest["file"])
+    for file in (manifest["file"], manifest.get("box_output", {}).get("file")):
+        if file is not None:
+            shutil.copy(model_dir / file, tmp / file)
     (tmp / "manifest.json").write_text(json.dumps(manifest))
     return tmp
 

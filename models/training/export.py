@@ -23,8 +23,10 @@ OPSET = 17
 PARITY_TOLERANCE = 5e-4
 BOX_OUTPUT = "boxes"
 BOX_PARITY_TOLERANCE_PX = 0.05
+BOX_FILE = "shadowspot-lesion-boxes.onnx"
 BOX_OUTPUT_SPEC = {
     "name": BOX_OUTPUT,
+    "file": BOX_FILE,
     "layout": "(N, 4, H, W): per pixel, distances (left, top, right, bottom) in working "
     "pixels from the pixel centre to the edges of the box of the lesion it belongs to",
 }
@@ -135,7 +137,11 @@ def write_manifest(
             "normalisation": "inside the graph: per-image (x - mean) / (std + 1e-3)",
         },
         "output": {"name": "probabilities", "activation": "sigmoid"},
-        **({"box_output": BOX_OUTPUT_SPEC} if boxes else {}),
+        **(
+            {"box_output": {**BOX_OUTPUT_SPEC, "sha256": sha256_of(model_dir / BOX_FILE)}}
+            if boxes
+            else {}
+        ),
         "channels": [CHANNEL_SPECS[c] for c in CHANNELS],
         "operating_point": operating_point,
         "training": training,

@@ -29,9 +29,11 @@ from models.training import augment
 from models.training.boxhead import Detector, box_targets, cell_iou, iou_loss
 from models.training.dataset import LABEL_CHANNEL, packed, read_records
 from models.training.export import (
+    BOX_FILE,
     DEFAULT_OPERATING_POINT,
     FILE,
     export_detector_onnx,
+    export_onnx,
     write_manifest,
 )
 from models.training.loop import run_epochs
@@ -156,8 +158,11 @@ def validate(
 
 
 def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int) -> Path:
-    """ONNX (probabilities + boxes) and a manifest for a best checkpoint in ``export_dir``."""
-    diffs = export_detector_onnx(detector, export_dir / FILE, size)
+    """For a best checkpoint, in ``export_dir``: the U-Net alone (``FILE``, probabilities:
+    the runs that need no boxes), the U-Net with its head (``BOX_FILE``, both outputs) and the
+    manifest naming both."""
+    export_onnx(detector.net, export_dir / FILE, size)
+    diffs = export_detector_onnx(detector, export_dir / BOX_FILE, size)
     state, run_args = best["state"], best["args"]
     training = {
         "data_digest": best["data"]["digest"],

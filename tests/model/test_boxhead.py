@@ -131,6 +131,9 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     assert boxes_main([*args, "--minutes", "0.01"]) == 0
     manifest = json.loads((box_dir / "manifest.json").read_text())
     assert manifest["box_output"]["name"] == "boxes"
+    assert (box_dir / manifest["file"]).is_file() and (
+        box_dir / manifest["box_output"]["file"]
+    ).is_file()
     assert manifest["training"]["unet"]["from"] == str(trunk)
     assert boxes_main([*args, "--minutes", "0.02"]) == 0  # resumes
     state = torch.load(tmp_path / "runs" / "boxes" / "last.pt", weights_only=False)["state"]

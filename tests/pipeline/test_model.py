@@ -127,6 +127,14 @@ def test_a_box_head_is_checked_at_load_and_its_weights_read(tmp_path: Path) -> N
         with pytest.raises(ModelError, match=r"box_weight\.shadow"):
             load_model(folder)
     manifest["operating_point"].pop("box_weight")
+    # the head in a file of its own: named, with its sha256 checked
+    manifest["box_output"] = {"name": "boxes", "file": "tiny.onnx", "sha256": manifest["sha256"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert load_model(folder).predict_with_boxes(np.zeros((1, 64, 64), np.float32))[1] is not None
+    manifest["box_output"]["sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="sha256"):
+        load_model(folder)
     manifest["box_output"] = {"name": "box_distances"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="no output named 'box_distances'"):
