@@ -186,9 +186,18 @@ def table(results: dict[str, Any]) -> str:
                 "Model inference (ONNX, batch 1)",
                 f"{model['inference_ms_median']} ms",
                 f"{model['working_size'][0]}×{model['working_size'][1]}, "
-                f"{model['threads']} threads, p90 {model['inference_ms_p90']} ms",
+                f"{model['threads']} threads, p90 {model['inference_ms_p90']} ms, "
+                f"{model.get('file', 'model file')} ({', '.join(model.get('outputs', []))})",
             )
         )
+        if "plain_file_inference_ms_median" in model:
+            rows.append(
+                (
+                    "Model inference, U-Net file alone (S331, S600)",
+                    f"{model['plain_file_inference_ms_median']} ms",
+                    "median, same conditions",
+                )
+            )
     for process, entry in results.get("memory", {}).get("processes", {}).items():
         rows.append((f"Peak RSS, {process}", f"{entry['peak_mb']} MB", f"during {entry['during']}"))
     head = (
