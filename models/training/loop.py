@@ -9,11 +9,36 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+
+
+def torch_device(name: str, threads: int, seed: int) -> torch.device:
+    """Set torch's CPU threads and seed; the device ``name`` (``auto``: CUDA where torch finds
+    it, else the CPU)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_best(best: dict[str, Any], run_dir: Path, export: Callable[[], object], to: Path) -> None:
+    """Save ``best`` as ``run_dir/best.pt``, then ``export()`` it (ONNX + manifest to ``to``).
+    A failed ONNX parity check is reported and training goes on: best.pt is kept and
+    ``--export-best`` can retry."""
+    torch.save(best, run_dir / "best.pt")
+    epoch, loss = best["state"]["epoch"], best["metrics"]["loss"]
+    try:
+        export()
+    except RuntimeError as error:
+        print(f"epoch {epoch} not exported: {error}", flush=True)
+    else:
+        print(f"exported epoch {epoch} (val loss {loss:.4f}) to {to}", flush=True)
 
 
 def stop_on_signals() -> dict[str, bool]:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from models.training import augment
 from models.training.dataset import FINDING_CHANNELS, packed, read_pack, write_pack
 from models.training.export import FILE, export_onnx, write_manifest
-from models.training.loop import run_epochs
+from models.training.loop import run_epochs, torch_device, write_best
 from models.training.net import WIDTHS, UNet, parameter_count
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,21 +195,36 @@ def _checkpoint_widths(ckpt: dict[str, Any] | None) -> tuple[int, ...] | None:
     return tuple(int(w) for w in ckpt.get("widths", WIDTHS))
 
 
-def export_model(net: UNet, model_dir: Path, best: dict[str, Any]) -> Path:
-    """ONNX + manifest in ``model_dir`` for a best checkpoint (weights, run state, the data
-    it trained on, the run's arguments and validation metrics)."""
-    state, run_args, metrics = best["state"], best["args"], best["metrics"]
-    diff = export_onnx(net, model_dir / FILE, int(run_args["size"]))
-    training = {
+def data_record(best: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's account of the data a best checkpoint trained on."""
+    return {
         "data_digest": best["data"]["digest"],
         "images": best["data"]["counts"]["train"],
         "val_images": best["data"]["counts"]["val"],
+    }
+
+
+def run_record(best: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's account of the run that reached a best checkpoint."""
+    state, run_args = best["state"], best["args"]
+    return {
         "epochs": state["epoch"],
         "steps": state["step"],
         "minutes": round(state["elapsed_s"] / 60, 1),
         "seed": int(run_args["seed"]),
         "batch": int(run_args["batch"]),
         "lr": float(run_args["lr"]),
+    }
+
+
+def export_model(net: UNet, model_dir: Path, best: dict[str, Any]) -> Path:
+    """ONNX + manifest in ``model_dir`` for a best checkpoint (weights, run state, the data
+    it trained on, the run's arguments and validation metrics)."""
+    state, run_args, metrics = best["state"], best["args"], best["metrics"]
+    diff = export_onnx(net, model_dir / FILE, int(run_args["size"]))
+    training = {
+        **data_record(best),
+        **run_record(best),
         "widths": list(best["widths"]),
         "params": parameter_count(net),
         "device": run_args.get("device", "auto"),
@@ -309,11 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
         return 0
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = torch_device(args.device, args.threads, args.seed)
     if args.pack is not None:
         splits, digest, size, counts = read_pack(args.pack)
         if size != args.size:
@@ -403,13 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": ckpt["args"],
             "metrics": metrics,
         }
-        torch.save(best, run_dir / "best.pt")
-        try:
-            export_model(net, args.model_dir, best)
-        except RuntimeError as error:  # ONNX parity: keep training, best.pt is saved
-            print(f"epoch {state['epoch']} not exported: {error}", flush=True)
-        else:
-            print(f"exported epoch {state['epoch']} (val loss {metrics['loss']:.4f})", flush=True)
+        write_best(best, run_dir, lambda: export_model(net, args.model_dir, best), args.model_dir)
 
     run_epochs(
         state,

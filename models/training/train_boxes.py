@@ -36,9 +36,17 @@ from models.training.export import (
     export_onnx,
     write_manifest,
 )
-from models.training.loop import run_epochs
+from models.training.loop import run_epochs, torch_device, write_best
 from models.training.net import WIDTHS, UNet, normalise, parameter_count
-from models.training.train import DEFAULT_DATA, REPO, SOURCE_WEIGHT, WARMUP_STEPS, _cosine
+from models.training.train import (
+    DEFAULT_DATA,
+    REPO,
+    SOURCE_WEIGHT,
+    WARMUP_STEPS,
+    _cosine,
+    data_record,
+    run_record,
+)
 
 VERSION = "1.2.0"
 
@@ -163,19 +171,11 @@ def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int
     manifest naming both."""
     export_onnx(detector.net, export_dir / FILE, size)
     diffs = export_detector_onnx(detector, export_dir / BOX_FILE, size)
-    state, run_args = best["state"], best["args"]
     training = {
-        "data_digest": best["data"]["digest"],
-        "images": best["data"]["counts"]["train"],
-        "val_images": best["data"]["counts"]["val"],
+        **data_record(best),
         "unet": best["trunk"],
         "box_head": {
-            "epochs": state["epoch"],
-            "steps": state["step"],
-            "minutes": round(state["elapsed_s"] / 60, 1),
-            "seed": int(run_args["seed"]),
-            "batch": int(run_args["batch"]),
-            "lr": float(run_args["lr"]),
+            **run_record(best),
             "abnormal_images": best["data"]["abnormal_train"],
             "params": parameter_count(detector.boxes),
         },
@@ -238,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported epoch {best['state']['epoch']} to {export_dir}", flush=True)
         return 0
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = torch_device(args.device, args.threads, args.seed)
     paths, digest, counts = packed(args.data.resolve(), args.size, args.cache_dir)
     train = dict(np.load(paths["train"]))
     val = dict(np.load(paths["val"]))
@@ -298,13 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {"digest": digest, "counts": counts, "abnormal_train": len(train_rows)}
         best = {k: v for k, v in ckpt.items() if k != "optimiser"}
         best.update(data=data, metrics=metrics)
-        torch.save(best, run_dir / "best.pt")
-        try:
-            export(detector, export_dir, best, args.size)
-        except RuntimeError as error:  # ONNX parity: keep training, best.pt is saved
-            print(f"epoch {state['epoch']} not exported: {error}", flush=True)
-        else:
-            print(f"exported epoch {state['epoch']} to {export_dir}", flush=True)
+        write_best(best, run_dir, lambda: export(detector, export_dir, best, args.size), export_dir)
 
     run_epochs(
         state,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.training import metrics as M
+from models.training.dataset import Lesion, Record
 
 LESIONS = {0: [(0.0, 0.0, 10.0, 10.0)], 1: [(50.0, 50.0, 60.0, 60.0)], 2: []}
 
@@ -61,11 +62,23 @@ def test_auroc_and_dice() -> None:
     assert M.dice(a, a) == 1.0 and M.dice(a, ~a) == 0.0
 
 
+def _tbx_record(i: int, findings: tuple[Lesion, ...]) -> Record:
+    return Record(
+        id=f"x{i}",
+        source="tbx11k",
+        patient=f"p{i}",
+        width=512,
+        height=512,
+        lungs=None,
+        findings=findings,
+    )
+
+
 def test_extent_scale_fit_brings_findings_to_the_lesions_size() -> None:
     """Shadow findings twice as wide and 1.25× as high as the lesions they overlap give
     factors 0.5 × 0.8; findings that overlap nothing do not count; a group with fewer
     matches than the minimum (spots here) keeps (1, 1)."""
-    from models.training.dataset import Lesion, Record
+    from models.training.dataset import Lesion
     from models.training.evaluate import EXTENT_MIN_MATCHES, Analysed, Found, fit_extent_scale
 
     n = EXTENT_MIN_MATCHES + 5
@@ -73,17 +86,7 @@ def test_extent_scale_fit_brings_findings_to_the_lesions_size() -> None:
     nodule = Lesion(label="nodule", box=(300.0, 300.0, 310.0, 310.0), mask=None)
     records, results = [], []
     for i in range(n):
-        records.append(
-            Record(
-                id=f"x{i}",
-                source="tbx11k",
-                patient=f"p{i}",
-                width=512,
-                height=512,
-                lungs=None,
-                findings=(tb, nodule),
-            )
-        )
+        records.append(_tbx_record(i, (tb, nodule)))
         found = [
             Found(group="shadow", box=(90.0, 95.0, 130.0, 145.0), probability=0.9, alert=None),
             Found(group="shadow", box=(400.0, 400.0, 450.0, 450.0), probability=0.9, alert=None),
@@ -104,23 +107,13 @@ def test_box_weight_fit_picks_the_blend_closest_to_the_lesions() -> None:
     those is chosen; findings of the two runs pair by group and probability; a finding only
     one run kept keeps its own box; a group whose every weight scores alike (spots: none
     found) keeps weight 0."""
-    from models.training.dataset import Lesion, Record
+    from models.training.dataset import Lesion
     from models.training.evaluate import Analysed, Found, blend_findings, fit_box_weight
 
     tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
     records, own, head = [], [], []
     for i in range(6):
-        records.append(
-            Record(
-                id=f"x{i}",
-                source="tbx11k",
-                patient=f"p{i}",
-                width=512,
-                height=512,
-                lungs=None,
-                findings=(tb,),
-            )
-        )
+        records.append(_tbx_record(i, (tb,)))
         p = 0.9 - 0.01 * i
         wide = Found(group="shadow", box=(40.0, 100.0, 260.0, 200.0), probability=p, alert=None)
         narrow = Found(group="shadow", box=(140.0, 100.0, 160.0, 200.0), probability=p, alert=None)
