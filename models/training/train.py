@@ -167,8 +167,10 @@ def _lr(
 
 
 def write_compact_checkpoint(last: Path, out: Path) -> Path:
-    """Weights of ``last.pt`` in float16 plus the run state (no optimiser moments): small
-    enough to commit; ``--init`` starts a run from it."""
+    """Weights of a checkpoint (``last.pt``, or a box run's ``best.pt``) in float16 plus the
+    run state (no optimiser moments): small enough to commit; ``--init`` (``train``) or
+    ``--trunk`` (``train_boxes``) starts a run from it. A box run's record of where its
+    U-Net came from (``trunk``) is kept."""
     ckpt = torch.load(last, weights_only=False, map_location="cpu")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     compact = {
@@ -177,6 +179,8 @@ def write_compact_checkpoint(last: Path, out: Path) -> Path:
         "widths": ckpt.get("widths", list(WIDTHS)),
         "args": ckpt.get("args", {}),
     }
+    if "trunk" in ckpt:
+        compact["trunk"] = ckpt["trunk"]
     torch.save(compact, out)
     return out
 

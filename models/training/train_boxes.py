@@ -46,6 +46,7 @@ from models.training.train import (
     _cosine,
     data_record,
     run_record,
+    write_compact_checkpoint,
 )
 
 VERSION = "1.2.0"
@@ -77,6 +78,8 @@ def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
     where = path.resolve()
     name = str(where.relative_to(REPO)) if where.is_relative_to(REPO) else str(where)
     origin = ckpt.get("trunk") or {"from": name, "epoch": ckpt["state"]["epoch"]}
+    if any(v.dtype == torch.float16 for v in weights.values()):
+        origin = {**origin, "float16_from": name}  # a compact checkpoint: weights rounded
     return net, widths, origin
 
 
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=REPO / "models" / "training" / "box-checkpoint.pt",
         help="the U-Net: a train run's best.pt, or a train_boxes checkpoint (default: the "
-        "shipped model's, whose U-Net is 1.1.0's epoch 41)",
+        "committed float16 one of model 1.2.0, whose U-Net is 1.1.0's epoch 41)",
     )
     parser.add_argument("--minutes", type=float, default=45.0)
     parser.add_argument("--size", type=int, default=384)
@@ -227,9 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=REPO / "models" / "training" / "cache")
     parser.add_argument("--export-dir", type=Path, default=None, help="default: runs/<run>/export")
     parser.add_argument("--export-best", action="store_true", help="export best.pt, exit")
+    parser.add_argument(
+        "--write-checkpoint",
+        type=Path,
+        default=None,
+        help="write the run's best.pt in float16 to this path (a --trunk to commit), exit",
+    )
     args = parser.parse_args(argv)
     run_dir = args.runs_dir / args.run
     export_dir = args.export_dir or run_dir / "export"
+    if args.write_checkpoint is not None:
+        write_compact_checkpoint(run_dir / "best.pt", args.write_checkpoint)
+        return 0
     if args.export_best:
         best = torch.load(run_dir / "best.pt", weights_only=False, map_location="cpu")
         detector = Detector(UNet(widths=tuple(best["widths"])), tuple(best["widths"]))

@@ -138,6 +138,14 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     assert boxes_main([*args, "--minutes", "0.02"]) == 0  # resumes
     state = torch.load(tmp_path / "runs" / "boxes" / "last.pt", weights_only=False)["state"]
     assert state["epoch"] >= 2
+    # the float16 checkpoint to commit keeps where its U-Net came from and serves as --trunk
+    compact = tmp_path / "box-checkpoint.pt"
+    assert boxes_main([*args, "--write-checkpoint", str(compact)]) == 0
+    saved = torch.load(compact, weights_only=False)
+    assert saved["trunk"]["from"] == str(trunk)
+    assert all(v.dtype != torch.float32 for v in saved["model"].values())
+    again = [*common, *runs, "--batch", "1", "--trunk", str(compact), "--run", "again"]
+    assert boxes_main([*again, "--export-dir", str(tmp_path / "again"), "--minutes", "0.01"]) == 0
 
     model, plain = load_model(box_dir, threads=1), load_model(unet_dir, threads=1)
     image = np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32)
