@@ -162,25 +162,26 @@ def _channel(
     )
 
 
+def _op_section(op: object, key: str) -> dict[str, Any]:
+    """``operating_point.<key>``, an object of values per channel name ({} when absent)."""
+    section = op.get(key, {}) if isinstance(op, dict) else {}
+    if not isinstance(section, dict):
+        raise ModelError(f"manifest: operating_point.{key} must be an object")
+    return section
+
+
 def parse_manifest(raw: dict[str, Any]) -> Manifest:
     """Validate the manifest's structure (not yet the ONNX file) and build a ``Manifest``."""
     inp = _get(raw, "input", dict, "")
     out = _get(raw, "output", dict, "")
     window = _get(inp, "window", dict, "input.")
     op = raw.get("operating_point", {})
-    thresholds = op.get("thresholds", {}) if isinstance(op, dict) else {}
-    alert_thresholds = op.get("alert_thresholds", {}) if isinstance(op, dict) else {}
-    if not isinstance(alert_thresholds, dict):
-        raise ModelError("manifest: operating_point.alert_thresholds must be an object")
-    extent_scales = op.get("extent_scale", {}) if isinstance(op, dict) else {}
-    if not isinstance(extent_scales, dict):
-        raise ModelError("manifest: operating_point.extent_scale must be an object")
-    box_weights = op.get("box_weight", {}) if isinstance(op, dict) else {}
-    if not isinstance(box_weights, dict):
-        raise ModelError("manifest: operating_point.box_weight must be an object")
+    per_channel = [
+        _op_section(op, key)
+        for key in ("thresholds", "alert_thresholds", "extent_scale", "box_weight")
+    ]
     channels = tuple(
-        _channel(i, c, thresholds, alert_thresholds, extent_scales, box_weights)
-        for i, c in enumerate(_get(raw, "channels", list, ""))
+        _channel(i, c, *per_channel) for i, c in enumerate(_get(raw, "channels", list, ""))
     )
     if not any(c.kind == "finding" for c in channels):
         raise ModelError("manifest: no channel of kind 'finding'")

@@ -697,16 +697,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, records: Sequence[Record], **changes: Any) -> list[Analysed]:
+    """The pipeline's findings on ``records`` with every finding threshold at the sweep
+    value and the manifest changed as ``_model_dir_with_thresholds`` does with ``changes``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _model_dir_with_thresholds(
+            args.model_dir, args.sweep_threshold, Path(tmp), **changes
+        )
+        engine = pipeline_engine(folder, args.config)
+        return [engine(load_grey(args.data_dir / "images" / f"{r.id}.png")) for r in records]
+
+
 def _fit_extent_scale(args: argparse.Namespace, records: Sequence[Record]) -> int:
     """Run the pipeline without a fitted extent (finding thresholds at the sweep value) on
     ``records``, fit ``extent_scale`` per group and write it to the manifest."""
-    with tempfile.TemporaryDirectory() as tmp:
-        unscaled = _model_dir_with_thresholds(
-            args.model_dir, args.sweep_threshold, Path(tmp), extent_scale=False
-        )
-        engine = pipeline_engine(unscaled, args.config)
-        results = [engine(load_grey(args.data_dir / "images" / f"{r.id}.png")) for r in records]
-    fitted = fit_extent_scale(records, results)
+    fitted = fit_extent_scale(records, _sweep(args, records, extent_scale=False))
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     op = manifest["operating_point"]
     op["extent_scale"] = {
@@ -732,17 +737,8 @@ def _fit_box_weight(args: argparse.Namespace, records: Sequence[Record]) -> int:
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     if "box_output" not in manifest:
         raise SystemExit(f"{args.model_dir}: the model has no box head (box_output)")
-    runs = []
-    for weight in (0.0, 1.0):
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = _model_dir_with_thresholds(
-                args.model_dir, args.sweep_threshold, Path(tmp), box_weight=weight
-            )
-            engine = pipeline_engine(folder, args.config)
-            runs.append(
-                [engine(load_grey(args.data_dir / "images" / f"{r.id}.png")) for r in records]
-            )
-    fitted = fit_box_weight(records, *runs)
+    own, head = (_sweep(args, records, box_weight=weight) for weight in (0.0, 1.0))
+    fitted = fit_box_weight(records, own, head)
     op = manifest["operating_point"]
     op["box_weight"] = {
         spec["name"]: fitted[spec["group"]][0]

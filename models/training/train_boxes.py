@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from models.training import augment
-from models.training.boxhead import Detector, box_targets, cell_iou, iou_loss
+from models.training.boxhead import STRIDE, Detector, box_targets, cell_iou, iou_loss
 from models.training.dataset import LABEL_CHANNEL, packed, read_records
 from models.training.export import (
     BOX_FILE,
@@ -153,8 +153,8 @@ def validate(
         h, w = index.shape[-2:]
         for i, b in enumerate(bxs):
             for k, (x0, y0, x1, y1) in enumerate(b.tolist()):
-                cy = min(h - 1, int((y0 + y1) / 2 / 4))
-                cx = min(w - 1, int((x0 + x1) / 2 / 4))
+                cy = min(h - 1, int((y0 + y1) / 2 / STRIDE))
+                cx = min(w - 1, int((x0 + x1) / 2 / STRIDE))
                 if index[i, cy, cx] >= 0:
                     only[i, cy, cx] = k
         if bool((only >= 0).any()):
