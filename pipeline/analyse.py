@@ -104,7 +104,7 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
         again = None
         if config.recognition.rescore_enhanced and fused:
             again = model.predict(resize(enhanced, pre.working_shape)[None])[0]
-        recognised = select(fused, rescore(fused, again), lungs, config)
+        recognised = select(fused, rescore(fused, again, probabilities), lungs, config)
     with t.step("s700_findings"):
         findings: list[Finding] = [
             f for r in recognised if (f := make_finding(r, pre, lungs, config, boxes)) is not None

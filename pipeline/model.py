@@ -24,6 +24,7 @@ from pipeline.result import FindingGroup, FindingType
 FloatArray = npt.NDArray[np.float32]
 
 MANIFEST = "manifest.json"
+MAX_SUPPORT_POWER = 4.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +49,12 @@ class Channel:
     """S700 for a model with a box head: the head's share in a finding's box; the rest is the
     box of the region scaled by ``extent_scale`` (``operating_point.box_weight``, fitted on
     training data by ``evaluate --fit-box-weight``). Without a box head it plays no part."""
+    support_power: float = 0.0
+    """S600 for this model: a region's probability is multiplied by its support, the mean of
+    this channel's S300 probability over the region, to this power
+    (``operating_point.support_power``, fitted on training data by ``evaluate
+    --fit-support-power``): of two regions with the same peak, the one the model marks as a
+    whole ranks above the one it marks at a point. 0: the peak alone."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +132,7 @@ def _channel(
     alert_thresholds: dict[str, Any],
     extent_scales: dict[str, Any],
     box_weights: dict[str, Any],
+    support_powers: dict[str, Any],
 ) -> Channel:
     if not isinstance(raw, dict):
         raise ModelError(f"manifest: channels[{i}] must be an object")
@@ -149,6 +157,13 @@ def _channel(
         raise ModelError(f"manifest: operating_point.box_weight.{name} must be a number")
     if not 0.0 <= box_weight <= 1.0:
         raise ModelError(f"manifest: operating_point.box_weight.{name} must lie in [0, 1]")
+    support_power = support_powers.get(name, 0.0)
+    if not isinstance(support_power, int | float) or isinstance(support_power, bool):
+        raise ModelError(f"manifest: operating_point.support_power.{name} must be a number")
+    if not 0.0 <= support_power <= MAX_SUPPORT_POWER:
+        raise ModelError(
+            f"manifest: operating_point.support_power.{name} must lie in [0, {MAX_SUPPORT_POWER}]"
+        )
     return Channel(
         index=i,
         name=name,
@@ -159,6 +174,7 @@ def _channel(
         alert_threshold=alert_threshold,
         extent_scale=extent_scale,
         box_weight=float(box_weight),
+        support_power=float(support_power),
     )
 
 
@@ -178,7 +194,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     op = raw.get("operating_point", {})
     per_channel = [
         _op_section(op, key)
-        for key in ("thresholds", "alert_thresholds", "extent_scale", "box_weight")
+        for key in ("thresholds", "alert_thresholds", "extent_scale", "box_weight", "support_power")
     ]
     channels = tuple(
         _channel(i, c, *per_channel) for i, c in enumerate(_get(raw, "channels", list, ""))

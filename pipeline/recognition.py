@@ -2,11 +2,13 @@
 
 Each fused region is re-scored on the locally enhanced image (one more model run on the
 enhanced image at working size; the region's score is the peak of its channel inside it) and
-that score is averaged with the region's S300/S333 probability. A region becomes a finding
-when the result reaches its channel's operating threshold (manifest) and enough of it lies in
-the lung field. Overlapping findings (IoU > 0.5) keep only the most probable one. Each
-finding's mask is brought to full resolution; its outer contour, box, area, side, zone,
-type (spots: nodule/mass by size) and grade (S710–S742) are attached.
+that score is averaged with the region's S300/S333 probability; with a fitted support power
+(manifest) the result is weighed by the region's support, the mean S300 probability over
+it, so that a region the model marks whole outranks one it marks at a point. A region
+becomes a finding when the result reaches its channel's operating threshold (manifest) and
+enough of it lies in the lung field. Overlapping findings (IoU > 0.5) keep only the most
+probable one. Each finding's mask is brought to full resolution; its outer contour, box,
+area, side, zone, type (spots: nodule/mass by size) and grade (S710–S742) are attached.
 """
 
 from __future__ import annotations
@@ -49,8 +51,19 @@ class Recognised:
     mask: BoolArray = field(compare=False, repr=False)
 
 
-def rescore(regions: tuple[Region, ...], enhanced_probabilities: FloatArray | None) -> list[float]:
-    """S600: each region's probability after recognition on the enhanced image."""
+def support(region: Region, probabilities: FloatArray) -> float:
+    """S600: how much of a region the model stands behind, the mean of its channel's S300
+    probability over it (1: every pixel certain; near 0: one confident point)."""
+    return float(probabilities[region.channel.index][region.mask].mean())
+
+
+def rescore(
+    regions: tuple[Region, ...],
+    enhanced_probabilities: FloatArray | None,
+    probabilities: FloatArray | None = None,
+) -> list[float]:
+    """S600: each region's probability after recognition on the enhanced image, times its
+    ``support`` in ``probabilities`` (the S300 maps) to its channel's ``support_power``."""
     scores = []
     for r in regions:
         p = r.probability
@@ -58,6 +71,8 @@ def rescore(regions: tuple[Region, ...], enhanced_probabilities: FloatArray | No
             p = (p + float(enhanced_probabilities[r.channel.index][r.mask].max())) / 2.0
             if r.source is MarkSource.BOTH:
                 p = max(p, r.probability)  # confirmation by both branches is not undone
+        if probabilities is not None and r.channel.support_power > 0.0:
+            p *= support(r, probabilities) ** r.channel.support_power
         scores.append(float(np.clip(p, 0.0, 1.0)))
     return scores
 

@@ -183,10 +183,12 @@ def _model_dir_with_thresholds(
     *,
     extent_scale: bool = True,
     box_weight: float | None = None,
+    support_power: float | None = None,
 ) -> Path:
     """A copy of the model folder whose manifest has every finding threshold set to value
     (with ``extent_scale=False``, no fitted extent: the regions as found; with
-    ``box_weight``, that weight of the box head for every finding channel)."""
+    ``box_weight``, that weight of the box head for every finding channel; with
+    ``support_power``, that power of the support for every finding channel)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     for name in manifest["operating_point"]["thresholds"]:
         manifest["operating_point"]["thresholds"][name] = value
@@ -195,6 +197,10 @@ def _model_dir_with_thresholds(
     if box_weight is not None:
         manifest["operating_point"]["box_weight"] = dict.fromkeys(
             manifest["operating_point"]["thresholds"], box_weight
+        )
+    if support_power is not None:
+        manifest["operating_point"]["support_power"] = dict.fromkeys(
+            manifest["operating_point"]["thresholds"], support_power
         )
     for file in (manifest["file"], manifest.get("box_output", {}).get("file")):
         if file is not None:
@@ -423,32 +429,29 @@ def _lowest(grid: Sequence[float], peaks: npt.NDArray[np.float32], share: float)
 
 
 def choose_operating_point(
-    records: Sequence[Record], model_dir: Path, data_dir: Path
+    results: Sequence[Analysed], channels: Sequence[dict[str, Any]]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Per finding channel, from the network's peaks on the normal studies: the finding
-    threshold, the lowest grid value that at most ``NORMAL_SHARE_PER_CHANNEL`` of the normal
-    studies reach (a component exists iff the channel's peak reaches the threshold), and the
-    alert threshold, the lowest that at most ``NORMAL_ALERT_SHARE_PER_CHANNEL`` reach (never
-    below the finding threshold)."""
-    engine = NetworkEngine(model_dir, {}, 0.0)
-    normals = [r for r, normal in zip(records, normal_studies(records), strict=True) if normal]
-    if not normals:
+    """Per finding channel, from ``results``, an engine's findings on normal studies with
+    every threshold at the sweep value, each study scored by its most probable finding of
+    the channel's group (0 without one): the finding threshold, the lowest grid value that at
+    most ``NORMAL_SHARE_PER_CHANNEL`` of the studies reach, and the alert threshold, the
+    lowest that at most ``NORMAL_ALERT_SHARE_PER_CHANNEL`` reach (never below the finding
+    threshold)."""
+    if not results:
         raise SystemExit("no normal studies in this split: cannot choose an operating point")
-    peaks = np.array(
-        [
-            engine.probabilities(load_grey(data_dir / "images" / f"{r.id}.png")).max(axis=(1, 2))
-            for r in normals
-        ]
-    )
     thresholds, alerts = {}, {}
-    for c, spec in enumerate(engine.manifest["channels"]):
+    for spec in channels:
         if spec["kind"] != "finding":
             continue
-        t = _lowest(THRESHOLD_GRID, peaks[:, c], NORMAL_SHARE_PER_CHANNEL)
-        thresholds[spec["name"]] = t
-        alerts[spec["name"]] = max(
-            t, _lowest(ALERT_GRID, peaks[:, c], NORMAL_ALERT_SHARE_PER_CHANNEL)
+        top = np.array(
+            [
+                max((f.probability for f in r.findings if f.group == spec["group"]), default=0.0)
+                for r in results
+            ]
         )
+        t = _lowest(THRESHOLD_GRID, top, NORMAL_SHARE_PER_CHANNEL)
+        thresholds[spec["name"]] = t
+        alerts[spec["name"]] = max(t, _lowest(ALERT_GRID, top, NORMAL_ALERT_SHARE_PER_CHANNEL))
     return thresholds, alerts
 
 
@@ -544,6 +547,25 @@ def fit_box_weight(
     return out
 
 
+SUPPORT_POWERS = (0.0, 0.5, 1.0, 2.0)
+
+
+def fit_support_power(
+    records: Sequence[Record], runs: dict[float, Sequence[Analysed]]
+) -> dict[str, tuple[float, dict[float, float]]]:
+    """Per group, the power whose run (the pipeline's findings at that support power) reaches
+    the highest AP50 on ``records``, ties to the smaller power, and every power's AP50."""
+    out = {}
+    for g in GROUPS:
+        truth = _truth(records, g)
+        ap = {
+            p: round(M.average_precision(_dets(run, g), truth, 0.5), 4) for p, run in runs.items()
+        }
+        best = max(ap, key=lambda p: (ap[p], -p))
+        out[g] = (best, ap)
+    return out
+
+
 def _update_manifest(model_dir: Path, **sections: Any) -> None:
     path = model_dir / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -602,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--choose-operating-point",
         action="store_true",
-        help="pick thresholds on this split's normals and write them to the manifest",
+        help="pick thresholds on this split's normals through the engine and write them to "
+        "the manifest",
     )
     parser.add_argument(
         "--fit-extent-scale",
@@ -615,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a model with a box head: fit each finding group's box weight on this split "
         "(use train) through the pipeline, write it to the manifest's operating point, exit",
+    )
+    parser.add_argument(
+        "--fit-support-power",
+        action="store_true",
+        help="fit each finding group's support power on this split (use train) through the "
+        "pipeline, write it to the manifest's operating point, exit",
     )
     parser.add_argument(
         "--write-metrics",
@@ -632,31 +661,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fit_extent_scale(args, records)
     if args.fit_box_weight:
         return _fit_box_weight(args, records)
+    if args.fit_support_power:
+        return _fit_support_power(args, records)
     if args.choose_operating_point:
-        chosen, alerts = choose_operating_point(records, args.model_dir, args.data_dir)
-        op = json.loads((args.model_dir / "manifest.json").read_text())["operating_point"]
-        op["thresholds"] = chosen
-        op["alert_thresholds"] = alerts
-        op["rule"] = (
-            f"per channel, on the network's peaks over the normal studies of the {args.split} "
-            f"split: thresholds = the lowest of 0.2..0.95 (step 0.025) reached by at most "
-            f"{NORMAL_SHARE_PER_CHANNEL:.0%} of them; alert_thresholds = the lowest of "
-            f"0.2..0.999 reached by at most {NORMAL_ALERT_SHARE_PER_CHANNEL:.0%} of them"
-        )
-        _update_manifest(args.model_dir, operating_point=op)
-        print(f"operating point: thresholds {chosen}, alert thresholds {alerts}")
+        _choose_operating_point(args, records)
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
-    op_thresholds = manifest["operating_point"]["thresholds"]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.engine == "network":
-            sweep_engine: Engine = NetworkEngine(
-                args.model_dir, dict.fromkeys(op_thresholds, args.sweep_threshold), args.relative
-            )
-            op_engine: Engine = NetworkEngine(args.model_dir, op_thresholds, args.relative)
-        else:
-            sweep_dir = _model_dir_with_thresholds(args.model_dir, args.sweep_threshold, Path(tmp))
-            sweep_engine = pipeline_engine(sweep_dir, args.config)
-            op_engine = pipeline_engine(args.model_dir, args.config)
+        sweep_engine, op_engine = _engine(args, Path(tmp)), _engine(args, None)
         t0 = time.monotonic()
         sweep, operating = [], []
         for r in records:
@@ -695,6 +706,45 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(summary))
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'froc.png'}")
     return 0
+
+
+def _engine(args: argparse.Namespace, sweep_dir: Path | None) -> Engine:
+    """The chosen engine at the manifest's operating point or, with ``sweep_dir`` (an empty
+    folder for the pipeline's copy of the model), with every finding threshold at the sweep
+    value."""
+    if args.engine == "network":
+        manifest = json.loads((args.model_dir / "manifest.json").read_text())
+        thresholds = manifest["operating_point"]["thresholds"]
+        if sweep_dir is not None:
+            thresholds = dict.fromkeys(thresholds, args.sweep_threshold)
+        return NetworkEngine(args.model_dir, thresholds, args.relative)
+    if sweep_dir is None:
+        return pipeline_engine(args.model_dir, args.config)
+    folder = _model_dir_with_thresholds(args.model_dir, args.sweep_threshold, sweep_dir)
+    return pipeline_engine(folder, args.config)
+
+
+def _choose_operating_point(args: argparse.Namespace, records: Sequence[Record]) -> None:
+    """Run the engine (thresholds at the sweep value) on the normal studies of ``records``,
+    choose the operating point and write it to the manifest."""
+    normals = [r for r, normal in zip(records, normal_studies(records), strict=True) if normal]
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = _engine(args, Path(tmp))
+        results = [engine(load_grey(args.data_dir / "images" / f"{r.id}.png")) for r in normals]
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    chosen, alerts = choose_operating_point(results, manifest["channels"])
+    op = manifest["operating_point"]
+    op["thresholds"] = chosen
+    op["alert_thresholds"] = alerts
+    op["rule"] = (
+        f"per channel, through the {args.engine} (thresholds {args.sweep_threshold}) on the "
+        f"{len(normals)} normal studies of the {args.split} split, each scored by its most "
+        f"probable finding of the channel: thresholds = the lowest of 0.2..0.95 (step 0.025) "
+        f"reached by at most {NORMAL_SHARE_PER_CHANNEL:.0%} of them; alert_thresholds = the "
+        f"lowest of 0.2..0.999 reached by at most {NORMAL_ALERT_SHARE_PER_CHANNEL:.0%} of them"
+    )
+    _update_manifest(args.model_dir, operating_point=op)
+    print(f"operating point: thresholds {chosen}, alert thresholds {alerts}")
 
 
 def _sweep(args: argparse.Namespace, records: Sequence[Record], **changes: Any) -> list[Analysed]:
@@ -753,6 +803,29 @@ def _fit_box_weight(args: argparse.Namespace, records: Sequence[Record]) -> int:
     )
     _update_manifest(args.model_dir, operating_point=op)
     print(f"box weight (weight, AP50 by weight): {fitted}")
+    return 0
+
+
+def _fit_support_power(args: argparse.Namespace, records: Sequence[Record]) -> int:
+    """Run the pipeline at each power of ``SUPPORT_POWERS`` (finding thresholds at the sweep
+    value) on ``records``, fit ``support_power`` per group and write it to the manifest."""
+    runs = {power: _sweep(args, records, support_power=power) for power in SUPPORT_POWERS}
+    fitted = fit_support_power(records, runs)
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    op = manifest["operating_point"]
+    op["support_power"] = {
+        spec["name"]: fitted[spec["group"]][0]
+        for spec in manifest["channels"]
+        if spec["kind"] == "finding"
+    }
+    op["support_power_rule"] = (
+        f"per group, on the {args.split} split through the pipeline (thresholds "
+        f"{args.sweep_threshold}): the power of {list(SUPPORT_POWERS)} with the highest AP50, "
+        "ties to the smaller; AP50 by power: " + "; ".join(f"{g} {v[1]}" for g, v in fitted.items())
+    )
+    _update_manifest(args.model_dir, operating_point=op)
+    print(f"support power (power, AP50 by power): {fitted}")
+    print("the thresholds were chosen for the former power: --choose-operating-point again")
     return 0
 
 

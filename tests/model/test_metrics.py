@@ -128,6 +128,98 @@ def test_box_weight_fit_picks_the_blend_closest_to_the_lesions() -> None:
     assert fitted["spot"][0] == 0.0
 
 
+def test_the_operating_point_is_chosen_on_the_normals_most_probable_findings() -> None:
+    """Per channel, each normal study is scored by its most probable finding of the channel's
+    group (0 without one): the threshold is the lowest grid value at most 7 % of them reach,
+    the alert threshold the lowest at most 2 % reach, never below the threshold."""
+    from models.training.evaluate import Analysed, Found, choose_operating_point
+
+    results = []
+    for i in range(100):  # shadows: 10 studies at 0.9, 5 of them with a second at 0.99
+        found = [Found(group="shadow", box=(0.0, 0.0, 1.0, 1.0), probability=0.3, alert=None)]
+        if i < 10:
+            found.append(
+                Found(group="shadow", box=(0.0, 0.0, 1.0, 1.0), probability=0.9, alert=None)
+            )
+        if i < 5:
+            found.append(
+                Found(group="shadow", box=(2.0, 2.0, 3.0, 3.0), probability=0.99, alert=None)
+            )
+        if i < 3:  # spots: 3 studies, weakly
+            found.append(Found(group="spot", box=(0.0, 0.0, 1.0, 1.0), probability=0.4, alert=None))
+        results.append(Analysed(findings=tuple(found), lung=None))
+    channels = [
+        {"name": "spot", "kind": "finding", "group": "spot"},
+        {"name": "shadow", "kind": "finding", "group": "shadow"},
+        {"name": "lungs", "kind": "lung"},
+    ]
+    thresholds, alerts = choose_operating_point(results, channels)
+    assert thresholds == {"spot": 0.2, "shadow": 0.925}  # 5 % reach 0.925, 10 % reach 0.9
+    assert alerts == {"spot": 0.425, "shadow": 0.995}  # none reach 0.425 / 0.995
+    with pytest.raises(SystemExit, match="no normal studies"):
+        choose_operating_point([], channels)
+
+
+def test_support_power_fit_picks_the_run_with_the_best_ap50() -> None:
+    """Runs at three powers rank a hit and a false positive differently: the power whose
+    ranking puts the hit first wins; among equal AP50 the smaller power; a group with no
+    findings keeps power 0."""
+    from models.training.evaluate import Analysed, Found, fit_support_power
+
+    tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
+    records = [_tbx_record(i, (tb,)) for i in range(2)]
+
+    def run(hit: float, miss: float) -> list[Analysed]:
+        return [
+            Analysed(
+                findings=(
+                    Found(group="shadow", box=tb.box, probability=hit, alert=None),
+                    Found(
+                        group="shadow",
+                        box=(300.0, 300.0, 340.0, 340.0),
+                        probability=miss,
+                        alert=None,
+                    ),
+                ),
+                lung=None,
+            )
+            for _ in records
+        ]
+
+    fitted = fit_support_power(
+        records, {0.0: run(0.5, 0.9), 1.0: run(0.8, 0.4), 2.0: run(0.7, 0.2)}
+    )
+    power, ap = fitted["shadow"]
+    assert ap[0.0] < ap[1.0] == ap[2.0] == 1.0 and power == 1.0
+    assert fitted["spot"][0] == 0.0
+
+
+def test_evaluate_fits_a_support_power_and_chooses_its_operating_point(tmp_path: Path) -> None:
+    """``--fit-support-power`` writes a power per finding channel and its rule;
+    ``--choose-operating-point`` then picks thresholds through the pipeline on the normal
+    studies (grid values, alerts never below them) and the evaluation runs at them."""
+    from models.training.evaluate import ALERT_GRID, THRESHOLD_GRID, main
+    from tests.model.folders import folder_with_normals
+    from tests.pipeline.tiny_model import build_tiny_model
+
+    data = folder_with_normals(tmp_path / "data")
+    model = build_tiny_model(tmp_path / "model", size=64)
+    common = [str(data), "--split", "all", "--model-dir", str(model), "--out", str(tmp_path / "e")]
+    assert main([*common, "--fit-support-power"]) == 0
+    op = json.loads((model / "manifest.json").read_text())["operating_point"]
+    assert set(op["support_power"]) == {"spot", "shadow"}
+    assert all(p in (0.0, 0.5, 1.0, 2.0) for p in op["support_power"].values())
+    assert "AP50 by power" in op["support_power_rule"]
+    assert main([*common, "--choose-operating-point"]) == 0
+    op = json.loads((model / "manifest.json").read_text())["operating_point"]
+    for name, t in op["thresholds"].items():
+        assert t in THRESHOLD_GRID and op["alert_thresholds"][name] in ALERT_GRID
+        assert op["alert_thresholds"][name] >= t
+    assert "normal studies" in op["rule"] and "pipeline" in op["rule"]
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["model"]["operating_point"]["thresholds"] == op["thresholds"]
+
+
 def test_evaluate_fits_a_box_weight_and_scores_a_folder_through_the_pipeline(
     tmp_path: Path,
 ) -> None:

@@ -134,6 +134,31 @@ def test_s700_a_box_head_sets_the_finding_box(tmp_path: Path) -> None:
     assert widths[0.5] == pytest.approx((widths[0.0] + 10 * sx) / 2, abs=sx + 1)
 
 
+def test_s600_the_support_power_weighs_a_finding_by_its_support(tmp_path: Path) -> None:
+    """At support power k the disk's spot has the probability it has at power 0 times its
+    support (the mean S300 probability over its region, below 1 at a blurred edge) to the
+    k: at power 2 the factor is the square of the one at power 1, and the region, box and
+    contour do not change."""
+    image = _chest_like()
+    yy, xx = np.mgrid[:600, :500]
+    image[(yy - 300) ** 2 + (xx - 120) ** 2 <= 40**2] += 2500
+    source = SourceImage(pixels=image.astype(np.uint16), spacing_mm=(0.25, 0.25))
+    folder = build_tiny_model(tmp_path, size=128)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    spots = {}
+    for power in (0.0, 1.0, 2.0):
+        manifest["operating_point"]["support_power"] = {"spot": power}
+        manifest["operating_point"]["thresholds"]["spot"] = 0.05
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        result = analyse(source, load_model(folder, threads=1), PipelineConfig())
+        (spots[power],) = [f for f in result.findings if f.group is FindingGroup.SPOT]
+    factor = spots[1.0].probability / spots[0.0].probability
+    assert 0.05 < factor < 0.99
+    assert spots[2.0].probability / spots[0.0].probability == pytest.approx(factor**2, rel=1e-4)
+    assert spots[0.0].box == spots[1.0].box == spots[2.0].box
+    assert spots[0.0].contour == spots[2.0].contour
+
+
 def test_a_plain_image_has_no_spot(tiny: LesionModel) -> None:
     """Without a lesion the tiny model marks no spot."""
     result = analyse(SourceImage(pixels=_chest_like().astype(np.uint16)), tiny, PipelineConfig())

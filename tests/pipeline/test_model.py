@@ -108,6 +108,26 @@ def test_extent_scales_reach_their_channels(tmp_path: Path) -> None:
             load_model(folder)
 
 
+def test_the_support_power_is_read_per_channel_and_checked(tmp_path: Path) -> None:
+    """``operating_point.support_power`` is read per channel (absent: 0, the peak alone) and
+    must be a number in [0, 4]."""
+    folder = build_tiny_model(tmp_path, size=64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["operating_point"]["support_power"] = {"shadow": 0.5}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    channels = {c.name: c for c in load_model(folder).manifest.finding_channels}
+    assert (channels["shadow"].support_power, channels["spot"].support_power) == (0.5, 0.0)
+    for bad in (4.5, -0.1, "1", True, [1.0]):
+        manifest["operating_point"]["support_power"] = {"shadow": bad}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelError, match=r"support_power\.shadow"):
+            load_model(folder)
+    manifest["operating_point"]["support_power"] = [1.0]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"support_power must be an object"):
+        load_model(folder)
+
+
 def test_a_box_head_is_checked_at_load_and_its_weights_read(tmp_path: Path) -> None:
     """``box_output`` names an output the graph must have, of shape (1, 4, H, W);
     ``operating_point.box_weight`` is read per channel (absent: 1, the head alone) and must
