@@ -49,7 +49,7 @@ from models.training.train import (
     write_compact_checkpoint,
 )
 
-VERSION = "1.2.0"
+VERSION = "1.3.0"
 
 
 def record_boxes(data_dir: Path, size: int) -> dict[str, torch.Tensor]:
