@@ -781,6 +781,31 @@ def _fit_extent_scale(args: argparse.Namespace, records: Sequence[Record]) -> in
     return 0
 
 
+def _write_best_of(
+    args: argparse.Namespace,
+    manifest: dict[str, Any],
+    key: str,
+    noun: str,
+    choices: Sequence[float],
+    fitted: dict[str, tuple[float, dict[float, float]]],
+) -> None:
+    """Write a per-group choice among ``choices`` (``fitted``: group -> (chosen, AP50 by
+    choice)) to the manifest's operating point as ``key``, with its rule as ``key_rule``."""
+    op = manifest["operating_point"]
+    op[key] = {
+        spec["name"]: fitted[spec["group"]][0]
+        for spec in manifest["channels"]
+        if spec["kind"] == "finding"
+    }
+    op[f"{key}_rule"] = (
+        f"per group, on the {args.split} split through the pipeline (thresholds "
+        f"{args.sweep_threshold}): the {noun} of {list(choices)} with the highest AP50, "
+        f"ties to the smaller; AP50 by {noun}: "
+        + "; ".join(f"{g} {v[1]}" for g, v in fitted.items())
+    )
+    _update_manifest(args.model_dir, operating_point=op)
+
+
 def _fit_box_weight(args: argparse.Namespace, records: Sequence[Record]) -> int:
     """Run the pipeline at box weight 0 and 1 (finding thresholds at the sweep value) on
     ``records``, fit ``box_weight`` per group and write it to the manifest."""
@@ -789,19 +814,7 @@ def _fit_box_weight(args: argparse.Namespace, records: Sequence[Record]) -> int:
         raise SystemExit(f"{args.model_dir}: the model has no box head (box_output)")
     own, head = (_sweep(args, records, box_weight=weight) for weight in (0.0, 1.0))
     fitted = fit_box_weight(records, own, head)
-    op = manifest["operating_point"]
-    op["box_weight"] = {
-        spec["name"]: fitted[spec["group"]][0]
-        for spec in manifest["channels"]
-        if spec["kind"] == "finding"
-    }
-    op["box_weight_rule"] = (
-        f"per group, on the {args.split} split through the pipeline (thresholds "
-        f"{args.sweep_threshold}): the weight of {list(BOX_WEIGHTS)} with the highest AP50, "
-        "ties to the smaller; AP50 by weight: "
-        + "; ".join(f"{g} {v[1]}" for g, v in fitted.items())
-    )
-    _update_manifest(args.model_dir, operating_point=op)
+    _write_best_of(args, manifest, "box_weight", "weight", BOX_WEIGHTS, fitted)
     print(f"box weight (weight, AP50 by weight): {fitted}")
     return 0
 
@@ -812,18 +825,7 @@ def _fit_support_power(args: argparse.Namespace, records: Sequence[Record]) -> i
     runs = {power: _sweep(args, records, support_power=power) for power in SUPPORT_POWERS}
     fitted = fit_support_power(records, runs)
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
-    op = manifest["operating_point"]
-    op["support_power"] = {
-        spec["name"]: fitted[spec["group"]][0]
-        for spec in manifest["channels"]
-        if spec["kind"] == "finding"
-    }
-    op["support_power_rule"] = (
-        f"per group, on the {args.split} split through the pipeline (thresholds "
-        f"{args.sweep_threshold}): the power of {list(SUPPORT_POWERS)} with the highest AP50, "
-        "ties to the smaller; AP50 by power: " + "; ".join(f"{g} {v[1]}" for g, v in fitted.items())
-    )
-    _update_manifest(args.model_dir, operating_point=op)
+    _write_best_of(args, manifest, "support_power", "power", SUPPORT_POWERS, fitted)
     print(f"support power (power, AP50 by power): {fitted}")
     print("the thresholds were chosen for the former power: --choose-operating-point again")
     return 0
