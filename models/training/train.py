@@ -6,7 +6,8 @@ Each epoch draws ``len(train)`` samples with replacement, weighted by source (th
 mass/nodule and COVID sets are drawn more often), from a generator seeded by (seed, epoch);
 the learning rate follows a cosine over the time budget. After every epoch the run validates,
 writes ``runs/<run>/last.pt`` and, when the validation loss improved, ``best.pt`` and the
-ONNX model + manifest in ``--model-dir``. Running the same command again resumes from
+ONNX model + manifest in ``--model-dir`` (default ``runs/<run>/export``: a run never replaces
+the shipped ``models/`` unless told to). Running the same command again resumes from
 ``last.pt``; a larger ``--minutes`` extends the budget. SIGTERM/SIGINT stop after the step.
 
 On a GPU machine without the data (the device machine), the same command trains there:
@@ -272,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default="main")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "models" / "training" / "runs")
     parser.add_argument("--cache-dir", type=Path, default=REPO / "models" / "training" / "cache")
-    parser.add_argument("--model-dir", type=Path, default=REPO / "models")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="where the best model's ONNX file + manifest go (default: runs/<run>/export; "
+        "the shipped models/ only when asked for)",
+    )
     parser.add_argument(
         "--init",
         type=Path,
@@ -311,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         help="write --data at --size as one compressed file for --pack, exit",
     )
     args = parser.parse_args(argv)
+    if args.model_dir is None:
+        args.model_dir = args.runs_dir / args.run / "export"
     if args.write_checkpoint is not None:
         write_compact_checkpoint(args.runs_dir / args.run / "last.pt", args.write_checkpoint)
         return 0
