@@ -108,7 +108,8 @@ def test_train_command_runs_from_a_pack_and_resumes(tmp_path: Path) -> None:
 def test_widths_travel_through_checkpoints_and_fresh_schedule_restarts(tmp_path: Path) -> None:
     """A run with ``--widths`` keeps them in last.pt, best.pt and the compact checkpoint;
     ``--init`` of that checkpoint with ``--fresh-schedule`` builds the same network and starts
-    at epoch 0; ``--export-best`` writes the ONNX model and a manifest naming the widths."""
+    at epoch 0; ``--export-best`` writes the ONNX model and a manifest naming the widths.
+    Without ``--model-dir`` a run exports into its own folder, never the shipped models/."""
     from models.training.train import main
     from tests.model.folders import folder_with_normals
 
@@ -120,7 +121,11 @@ def test_widths_travel_through_checkpoints_and_fresh_schedule_restarts(tmp_path:
     run = [*common, "--pack", str(pack), "--device", "cpu", "--batch", "2", "--threads", "1"]
     run += [*runs, "--minutes", "0.01"]
     widths = "6,12,18"
-    assert main([*run, "--widths", widths, "--model-dir", str(tmp_path / "m1")]) == 0
+    assert main([*run, "--widths", widths]) == 0  # no --model-dir: the run's own export folder
+    exported = tmp_path / "runs" / "main" / "export"
+    assert (
+        sha256_of(exported / FILE) == json.loads((exported / "manifest.json").read_text())["sha256"]
+    )
     best = torch.load(tmp_path / "runs" / "main" / "best.pt", weights_only=False)
     assert best["widths"] == [6, 12, 18] and best["data"]["counts"]["train"] > 0
 
