@@ -318,15 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         help="write --data at --size as one compressed file for --pack, exit",
     )
     args = parser.parse_args(argv)
+    run_dir = args.runs_dir / args.run
     if args.model_dir is None:
-        args.model_dir = args.runs_dir / args.run / "export"
+        args.model_dir = run_dir / "export"
     if args.write_checkpoint is not None:
-        write_compact_checkpoint(args.runs_dir / args.run / "last.pt", args.write_checkpoint)
+        write_compact_checkpoint(run_dir / "last.pt", args.write_checkpoint)
         return 0
     if args.export_best:
-        best = torch.load(
-            args.runs_dir / args.run / "best.pt", weights_only=False, map_location="cpu"
-        )
+        best = torch.load(run_dir / "best.pt", weights_only=False, map_location="cpu")
         net = UNet(widths=tuple(best["widths"]))
         net.load_state_dict(best["model"])
         export_model(net, args.model_dir, best)
@@ -347,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
         paths, digest, counts = packed(args.data.resolve(), args.size, args.cache_dir)
         train = dict(np.load(paths["train"]))
         val = dict(np.load(paths["val"]))
-    run_dir = args.runs_dir / args.run
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "last.pt"
     resume = torch.load(last, weights_only=False, map_location=device) if last.exists() else None
