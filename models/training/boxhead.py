@@ -35,23 +35,29 @@ SCALE_PX = 16.0  # distances are predicted as log(d / SCALE_PX)
 MAX_LOG = math.log(2048.0 / SCALE_PX)
 
 
-class BoxHead(nn.Module):
-    """Log-distances (N, 4, H/4, W/4) from the U-Net decoder's H/16, H/8 and H/4 outputs."""
+DILATIONS = (1, 2, 4)
 
-    def __init__(self, widths: tuple[int, ...]) -> None:
+
+class BoxHead(nn.Module):
+    """Log-distances (N, 4, H/4, W/4) from the U-Net decoder's H/16, H/8 and H/4 outputs.
+
+    The body is one 3×3 convolution of ``width`` channels per entry of ``dilations``: the
+    head's own reach at H/4 grows with their sum (1, 2, 4: 15 cells, 60 working pixels).
+    """
+
+    def __init__(
+        self, widths: tuple[int, ...], width: int = WIDTH, dilations: tuple[int, ...] = DILATIONS
+    ) -> None:
         super().__init__()
         # decoder outputs, coarsest first: widths[-2], …, widths[0]; we read H/16, H/8, H/4.
         self.levels = (widths[3], widths[2], widths[1])
         self.lateral = nn.ModuleList(nn.Conv2d(c, LATERAL, 1) for c in self.levels)
-        self.body = nn.Sequential(
-            nn.Conv2d(LATERAL * len(self.levels), WIDTH, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(WIDTH, WIDTH, 3, padding=2, dilation=2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(WIDTH, WIDTH, 3, padding=4, dilation=4),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(WIDTH, 4, 1),
-        )
+        layers: list[nn.Module] = []
+        cin = LATERAL * len(self.levels)
+        for d in dilations:
+            layers += [nn.Conv2d(cin, width, 3, padding=d, dilation=d), nn.ReLU(inplace=True)]
+            cin = width
+        self.body = nn.Sequential(*layers, nn.Conv2d(width, 4, 1))
         last = self.body[-1]
         assert isinstance(last, nn.Conv2d)
         nn.init.zeros_(last.weight)
@@ -70,10 +76,16 @@ class BoxHead(nn.Module):
 class Detector(nn.Module):
     """The U-Net and its box head: (finding/lung logits at H×W, box log-distances at H/4)."""
 
-    def __init__(self, net: UNet, widths: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        net: UNet,
+        widths: tuple[int, ...],
+        width: int = WIDTH,
+        dilations: tuple[int, ...] = DILATIONS,
+    ) -> None:
         super().__init__()
         self.net = net
-        self.boxes = BoxHead(widths)
+        self.boxes = BoxHead(widths, width, dilations)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, decoded = self.net.decode(x)

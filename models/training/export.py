@@ -149,3 +149,47 @@ def write_manifest(
     }
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+def unet_from_onnx(path: Path) -> UNet:
+    """The U-Net of an exported ONNX file, back in PyTorch, float32 as shipped.
+
+    The exporter folds each BatchNorm into the convolution before it, so each such pair
+    comes back as the folded convolution and an identity BatchNorm (mean 0, variance 1 − ε,
+    scale 1) whose shift is the folded bias. Convolutions are matched to the modules by the
+    module path in their node names (``/net/down.0/down.0.3/Conv`` → ``down.0.3``).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for node in graph.node:
+        if node.op_type == "Conv" and node.name.startswith("/net/"):
+            module = node.name.split("/")[-2]
+            bias = init[node.input[2]] if len(node.input) > 2 else None
+            convs[module] = (init[node.input[1]], bias)
+    levels = sum(1 for k in convs if k.startswith("down.") and k.endswith(".0"))
+    widths = tuple(
+        int(convs[m][0].shape[0]) for m in ["stem.0", *(f"down.{i}.0" for i in range(levels))]
+    )
+    net = UNet(channels=int(convs["head.2"][0].shape[0]), widths=widths)
+    modules = dict(net.named_modules())
+    state: dict[str, torch.Tensor] = {}
+    for name, (weight, bias) in convs.items():
+        state[f"{name}.weight"] = torch.from_numpy(weight.copy())
+        parent, index = name.rsplit(".", 1)
+        norm = modules.get(f"{parent}.{int(index) + 1}")
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            assert bias is not None
+            n = int(bias.shape[0])
+            state[f"{parent}.{int(index) + 1}.weight"] = torch.ones(n)
+            state[f"{parent}.{int(index) + 1}.bias"] = torch.from_numpy(bias.copy())
+            state[f"{parent}.{int(index) + 1}.running_mean"] = torch.zeros(n)
+            state[f"{parent}.{int(index) + 1}.running_var"] = torch.full((n,), 1.0 - norm.eps)
+            state[f"{parent}.{int(index) + 1}.num_batches_tracked"] = torch.tensor(0)
+        elif bias is not None:
+            state[f"{name}.bias"] = torch.from_numpy(bias.copy())
+    net.load_state_dict(state)
+    return net.eval()

@@ -171,7 +171,7 @@ def write_compact_checkpoint(last: Path, out: Path) -> Path:
     """Weights of a checkpoint (``last.pt``, or a box run's ``best.pt``) in float16 plus the
     run state (no optimiser moments): small enough to commit; ``--init`` (``train``) or
     ``--trunk`` (``train_boxes``) starts a run from it. A box run's record of where its
-    U-Net came from (``trunk``) is kept."""
+    U-Net came from (``trunk``) and of its head's shape (``head``) is kept."""
     ckpt = torch.load(last, weights_only=False, map_location="cpu")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     compact = {
@@ -180,8 +180,9 @@ def write_compact_checkpoint(last: Path, out: Path) -> Path:
         "widths": ckpt.get("widths", list(WIDTHS)),
         "args": ckpt.get("args", {}),
     }
-    if "trunk" in ckpt:
-        compact["trunk"] = ckpt["trunk"]
+    for key in ("trunk", "head"):
+        if key in ckpt:
+            compact[key] = ckpt[key]
     torch.save(compact, out)
     return out
 

@@ -2,11 +2,14 @@
 
     python -m models.training.train_boxes --minutes 45
 
-The U-Net (``--trunk``: a ``train`` run's ``best.pt``, or a box run's ``best.pt`` whose U-Net
-is taken) stays frozen in evaluation mode, so its probabilities are exactly those of the
-model it came from; only ``models.training.boxhead.BoxHead`` learns. Each epoch draws as many
-abnormal training images as there are, with replacement, weighted by source as in ``train``;
-they get the same augmentation as in ``train`` and their boxes move with the geometry. After
+The U-Net (``--trunk``: by default the shipped ``models/shadowspot-lesion.onnx`` read back
+into PyTorch, float32 as shipped; or a ``train`` run's ``best.pt``, or a box run's checkpoint
+whose U-Net is taken) stays frozen in evaluation mode, so its probabilities are exactly those
+of the model it came from; only ``models.training.boxhead.BoxHead`` learns: from nothing, or
+from another run's head (``--init-head``, same shape: ``--head-width``, ``--head-dilations``).
+Each epoch draws as many abnormal training images as there are, with replacement, weighted by
+source as in ``train``; they get the same augmentation as in ``train`` and their boxes move
+with the geometry. After
 every epoch the run validates (loss, and the IoU of the box predicted at each validation
 lesion's centre), writes ``runs/<run>/last.pt`` and, when the validation loss improved,
 ``best.pt`` (U-Net + head) and the ONNX model + manifest in ``--export-dir``. The same command
@@ -26,7 +29,15 @@ import numpy as np
 import torch
 
 from models.training import augment
-from models.training.boxhead import STRIDE, Detector, box_targets, cell_iou, iou_loss
+from models.training.boxhead import (
+    DILATIONS,
+    STRIDE,
+    WIDTH,
+    Detector,
+    box_targets,
+    cell_iou,
+    iou_loss,
+)
 from models.training.dataset import LABEL_CHANNEL, packed, read_records
 from models.training.export import (
     BOX_FILE,
@@ -34,6 +45,8 @@ from models.training.export import (
     FILE,
     export_detector_onnx,
     export_onnx,
+    sha256_of,
+    unet_from_onnx,
     write_manifest,
 )
 from models.training.loop import run_epochs, torch_device, write_best
@@ -66,8 +79,26 @@ def record_boxes(data_dir: Path, size: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _name(path: Path | None) -> str | None:
+    """A path as the records give it: relative to the repository where it lies inside."""
+    if path is None:
+        return None
+    where = path.resolve()
+    return str(where.relative_to(REPO)) if where.is_relative_to(REPO) else str(where)
+
+
 def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
-    """The frozen U-Net of a ``train`` or ``train_boxes`` checkpoint, and where it came from."""
+    """The frozen U-Net of a ``train`` or ``train_boxes`` checkpoint, or of an exported ONNX
+    file (float32 as shipped: a head trained on it extends that file's U-Net exactly), and
+    where it came from."""
+    if path.suffix == ".onnx":
+        net = unet_from_onnx(path)
+        origin: dict[str, Any] = {"from": _name(path), "sha256": sha256_of(path)}
+        manifest = path.parent / "manifest.json"
+        if manifest.exists():  # what that file's own record says it is
+            unet = json.loads(manifest.read_text()).get("training", {}).get("unet")
+            origin = {**origin, **({"record": unet} if unet else {})}
+        return net, tuple(int(m[0].out_channels) for m in [net.stem, *net.down]), origin
     ckpt = torch.load(path, weights_only=False, map_location="cpu")
     widths = tuple(int(w) for w in ckpt.get("widths", WIDTHS))
     net = UNet(widths=widths)
@@ -75,12 +106,33 @@ def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
     if any(k.startswith("net.") for k in weights):  # a Detector's state: take its U-Net
         weights = {k[4:]: v for k, v in weights.items() if k.startswith("net.")}
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
-    where = path.resolve()
-    name = str(where.relative_to(REPO)) if where.is_relative_to(REPO) else str(where)
+    name = _name(path)
     origin = ckpt.get("trunk") or {"from": name, "epoch": ckpt["state"]["epoch"]}
     if any(v.dtype == torch.float16 for v in weights.values()):
         origin = {**origin, "float16_from": name}  # a compact checkpoint: weights rounded
     return net, widths, origin
+
+
+def head_shape(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The box head's shape a checkpoint was trained with (the first heads had no record:
+    the defaults)."""
+    head = ckpt.get("head") or {}
+    return {
+        "width": int(head.get("width", WIDTH)),
+        "dilations": tuple(int(d) for d in head.get("dilations", DILATIONS)),
+    }
+
+
+def load_head(detector: Detector, path: Path) -> None:
+    """Start the head from a ``train_boxes`` checkpoint's head (same shape)."""
+    ckpt = torch.load(path, weights_only=False, map_location="cpu")
+    head = {k[6:]: v.float() for k, v in ckpt["model"].items() if k.startswith("boxes.")}
+    if not head:
+        raise SystemExit(f"{path}: no box head in this checkpoint")
+    try:
+        detector.boxes.load_state_dict(head)
+    except RuntimeError as exc:
+        raise SystemExit(f"{path}: its head has another shape than this run's: {exc}") from exc
 
 
 def freeze(detector: Detector) -> None:
@@ -181,6 +233,7 @@ def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int
             **run_record(best),
             "abnormal_images": best["data"]["abnormal_train"],
             "params": parameter_count(detector.boxes),
+            "shape": best.get("head") or {"width": WIDTH, "dilations": list(DILATIONS)},
         },
         "params": parameter_count(detector),
         "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
@@ -214,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trunk",
         type=Path,
-        default=REPO / "models" / "training" / "box-checkpoint.pt",
-        help="the U-Net: a train run's best.pt, or a train_boxes checkpoint (default: the "
-        "committed float16 one of model 1.2.0, whose U-Net is 1.1.0's epoch 41)",
+        default=REPO / "models" / FILE,
+        help="the U-Net: an exported U-Net ONNX file (default: the shipped one, exactly), a "
+        "train run's best.pt, or a train_boxes checkpoint (its U-Net)",
     )
     parser.add_argument("--minutes", type=float, default=45.0)
     parser.add_argument("--size", type=int, default=384)
@@ -230,6 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=REPO / "models" / "training" / "cache")
     parser.add_argument("--export-dir", type=Path, default=None, help="default: runs/<run>/export")
     parser.add_argument("--export-best", action="store_true", help="export best.pt, exit")
+    parser.add_argument("--head-width", type=int, default=WIDTH, help="channels of the body")
+    parser.add_argument(
+        "--head-dilations",
+        default=",".join(str(d) for d in DILATIONS),
+        help="one 3×3 convolution per dilation, comma-separated",
+    )
+    parser.add_argument(
+        "--init-head",
+        type=Path,
+        default=None,
+        help="start the head from this train_boxes checkpoint's head (same shape); the "
+        "learning rate warms up again and follows a fresh cosine",
+    )
     parser.add_argument(
         "--write-checkpoint",
         type=Path,
@@ -244,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.export_best:
         best = torch.load(run_dir / "best.pt", weights_only=False, map_location="cpu")
-        detector = Detector(UNet(widths=tuple(best["widths"])), tuple(best["widths"]))
+        widths = tuple(best["widths"])
+        detector = Detector(UNet(widths=widths), widths, **head_shape(best))
         detector.load_state_dict(best["model"])
         export(detector.eval(), export_dir, best, int(best["args"]["size"]))
         print(f"exported epoch {best['state']['epoch']} to {export_dir}", flush=True)
@@ -267,10 +334,25 @@ def main(argv: list[str] | None = None) -> int:
     last = run_dir / "last.pt"
     resume = torch.load(last, weights_only=False, map_location="cpu") if last.exists() else None
     net, widths, trunk = load_trunk(args.trunk if resume is None else last)
-    detector = Detector(net, widths)
+    head = (
+        head_shape(resume)
+        if resume is not None
+        else {
+            "width": args.head_width,
+            "dilations": tuple(int(d) for d in args.head_dilations.split(",")),
+        }
+    )
+    detector = Detector(net, widths, **head)
     if resume is not None:
         detector.load_state_dict(resume["model"])
         trunk = resume["trunk"]
+    elif args.init_head is not None:
+        load_head(detector, args.init_head)
+    head_record = {
+        "width": head["width"],
+        "dilations": list(head["dilations"]),
+        "init": (resume or {}).get("head", {}).get("init") or _name(args.init_head),
+    }
     detector.to(device)
     freeze(detector)
     optimiser = torch.optim.AdamW(detector.boxes.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -296,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             "optimiser": optimiser.state_dict(),
             "state": state,
             "widths": list(widths),
+            "head": head_record,
             "trunk": trunk,
             "args": run_args,
         }

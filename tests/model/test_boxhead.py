@@ -3,6 +3,7 @@ U-Net alone, and the command from a trained U-Net to an ONNX model the pipeline 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -147,6 +148,25 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     again = [*common, *runs, "--batch", "1", "--trunk", str(compact), "--run", "again"]
     assert boxes_main([*again, "--export-dir", str(tmp_path / "again"), "--minutes", "0.01"]) == 0
 
+    # a head of another shape, on the U-Net of an exported file (as shipped, not rounded),
+    # started from nothing; the default shape started from the compact checkpoint's head
+    onnx_trunk = unet_dir / "shadowspot-lesion.onnx"
+    other = [*common, *runs, "--batch", "1", "--trunk", str(onnx_trunk), "--minutes", "0.01"]
+    wide_dir = tmp_path / "wide"
+    assert (
+        boxes_main(
+            [*other, "--run", "wide", "--head-dilations", "1,2", "--export-dir", str(wide_dir)]
+        )
+        == 0
+    )
+    wide = json.loads((wide_dir / "manifest.json").read_text())["training"]
+    assert wide["box_head"]["shape"] == {"width": 64, "dilations": [1, 2], "init": None}
+    assert wide["unet"]["sha256"] == hashlib.sha256(onnx_trunk.read_bytes()).hexdigest()
+    init = [*other, "--run", "init", "--init-head", str(compact)]
+    assert boxes_main([*init, "--export-dir", str(tmp_path / "init")]) == 0
+    with pytest.raises(SystemExit, match="another shape"):
+        boxes_main([*init, "--run", "init2", "--head-dilations", "1"])
+
     model, plain = load_model(box_dir, threads=1), load_model(unet_dir, threads=1)
     image = np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32)
     probabilities, distances = model.predict_with_boxes(image)
@@ -154,3 +174,36 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     assert (distances > 0).all()
     np.testing.assert_allclose(probabilities, plain.predict(image), atol=1e-4)
     assert plain.predict_with_boxes(image)[1] is None
+    wide_probabilities, _ = load_model(wide_dir, threads=1).predict_with_boxes(image)
+    np.testing.assert_allclose(wide_probabilities, plain.predict(image), atol=1e-5)
+
+
+def test_a_unet_comes_back_from_its_onnx_file_as_shipped(tmp_path: Path) -> None:
+    """``unet_from_onnx`` undoes the exporter's BatchNorm folding: the U-Net read back from
+    an exported file gives that file's probabilities, so a head trained on it extends the
+    shipped U-Net itself, not a rounded copy."""
+    import onnxruntime as ort
+
+    from models.training.export import export_onnx, unet_from_onnx
+    from models.training.net import Exported
+
+    torch.manual_seed(0)
+    net = UNet(widths=WIDTHS)
+    for m in net.modules():  # statistics far from the identity, so that the folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path / "unet.onnx"
+    export_onnx(net.eval(), path, SIZE)
+    back = unet_from_onnx(path)
+    assert tuple(int(m[0].out_channels) for m in [back.stem, *back.down]) == WIDTHS
+    image = torch.rand(2, 1, SIZE, SIZE)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shipped = session.run(None, {"image": image.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(Exported(back)(image).numpy(), shipped, atol=1e-5)
+        assert not torch.allclose(
+            Exported(UNet(widths=WIDTHS).eval())(image), Exported(back)(image)
+        )
