@@ -62,7 +62,7 @@ from models.training.train import (
     write_compact_checkpoint,
 )
 
-VERSION = "1.3.0"
+VERSION = "1.4.0"
 
 
 def record_boxes(data_dir: Path, size: int) -> dict[str, torch.Tensor]:
