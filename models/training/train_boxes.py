@@ -97,6 +97,8 @@ def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
         manifest = path.parent / "manifest.json"
         if manifest.exists():  # what that file's own record says it is
             unet = json.loads(manifest.read_text()).get("training", {}).get("unet")
+            if unet and unet.get("sha256") == origin["sha256"]:
+                unet = unet.get("record")  # itself read from this file: its own origin
             origin = {**origin, **({"record": unet} if unet else {})}
         return net, tuple(int(m[0].out_channels) for m in [net.stem, *net.down]), origin
     ckpt = torch.load(path, weights_only=False, map_location="cpu")

@@ -207,3 +207,15 @@ def test_a_unet_comes_back_from_its_onnx_file_as_shipped(tmp_path: Path) -> None
         assert not torch.allclose(
             Exported(UNet(widths=WIDTHS).eval())(image), Exported(back)(image)
         )
+
+    # as a --trunk, the file's own manifest says where it came from: a record that was itself
+    # read from this file (same sha256) passes on its origin instead of nesting
+    from models.training.train_boxes import load_trunk
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    first = {"from": "runs/main/best.pt", "epoch": 7}
+    unet = {"from": str(path), "sha256": digest, "record": first}
+    (tmp_path / "manifest.json").write_text(json.dumps({"training": {"unet": unet}}))
+    _, widths, origin = load_trunk(path)
+    assert widths == WIDTHS
+    assert origin["sha256"] == digest and origin["record"] == first
