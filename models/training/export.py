@@ -180,15 +180,16 @@ def unet_from_onnx(path: Path) -> UNet:
     for name, (weight, bias) in convs.items():
         state[f"{name}.weight"] = torch.from_numpy(weight.copy())
         parent, index = name.rsplit(".", 1)
-        norm = modules.get(f"{parent}.{int(index) + 1}")
+        bn = f"{parent}.{int(index) + 1}"  # the module after the convolution
+        norm = modules.get(bn)
         if isinstance(norm, torch.nn.BatchNorm2d):
             assert bias is not None
             n = int(bias.shape[0])
-            state[f"{parent}.{int(index) + 1}.weight"] = torch.ones(n)
-            state[f"{parent}.{int(index) + 1}.bias"] = torch.from_numpy(bias.copy())
-            state[f"{parent}.{int(index) + 1}.running_mean"] = torch.zeros(n)
-            state[f"{parent}.{int(index) + 1}.running_var"] = torch.full((n,), 1.0 - norm.eps)
-            state[f"{parent}.{int(index) + 1}.num_batches_tracked"] = torch.tensor(0)
+            state[f"{bn}.weight"] = torch.ones(n)
+            state[f"{bn}.bias"] = torch.from_numpy(bias.copy())
+            state[f"{bn}.running_mean"] = torch.zeros(n)
+            state[f"{bn}.running_var"] = torch.full((n,), 1.0 - norm.eps)
+            state[f"{bn}.num_batches_tracked"] = torch.tensor(0)
         elif bias is not None:
             state[f"{name}.bias"] = torch.from_numpy(bias.copy())
     net.load_state_dict(state)

@@ -32,6 +32,7 @@ class UNet(nn.Module):
 
     def __init__(self, channels: int = 3, widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
+        self.widths = tuple(widths)
         self.stem = _block(1, widths[0], stride=2)
         self.down = nn.ModuleList(
             _block(widths[i], widths[i + 1], stride=2) for i in range(len(widths) - 1)

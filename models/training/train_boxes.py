@@ -100,7 +100,7 @@ def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
             if unet and unet.get("sha256") == origin["sha256"]:
                 unet = unet.get("record")  # itself read from this file: its own origin
             origin = {**origin, **({"record": unet} if unet else {})}
-        return net, tuple(int(m[0].out_channels) for m in [net.stem, *net.down]), origin
+        return net, net.widths, origin
     ckpt = torch.load(path, weights_only=False, map_location="cpu")
     widths = tuple(int(w) for w in ckpt.get("widths", WIDTHS))
     net = UNet(widths=widths)
@@ -235,7 +235,7 @@ def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int
             **run_record(best),
             "abnormal_images": best["data"]["abnormal_train"],
             "params": parameter_count(detector.boxes),
-            "shape": best.get("head") or {"width": WIDTH, "dilations": list(DILATIONS)},
+            "shape": best.get("head") or head_shape(best),
         },
         "params": parameter_count(detector),
         "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
@@ -336,25 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     last = run_dir / "last.pt"
     resume = torch.load(last, weights_only=False, map_location="cpu") if last.exists() else None
     net, widths, trunk = load_trunk(args.trunk if resume is None else last)
-    head = (
-        head_shape(resume)
-        if resume is not None
-        else {
-            "width": args.head_width,
-            "dilations": tuple(int(d) for d in args.head_dilations.split(",")),
-        }
-    )
-    detector = Detector(net, widths, **head)
+    if resume is not None:  # the head's shape and origin are the run's, whatever the flags
+        head_record = resume.get("head") or {**head_shape(resume), "init": None}
+    else:
+        dilations = [int(d) for d in args.head_dilations.split(",")]
+        head_record = {"width": args.head_width, "dilations": dilations}
+        head_record["init"] = _name(args.init_head)
+    detector = Detector(net, widths, **head_shape({"head": head_record}))
     if resume is not None:
         detector.load_state_dict(resume["model"])
         trunk = resume["trunk"]
     elif args.init_head is not None:
         load_head(detector, args.init_head)
-    head_record = {
-        "width": head["width"],
-        "dilations": list(head["dilations"]),
-        "init": (resume or {}).get("head", {}).get("init") or _name(args.init_head),
-    }
     detector.to(device)
     freeze(detector)
     optimiser = torch.optim.AdamW(detector.boxes.parameters(), lr=args.lr, weight_decay=1e-4)
