@@ -198,6 +198,15 @@ def table(results: dict[str, Any]) -> str:
                     "median, same conditions",
                 )
             )
+        if "s300_batch_ms_median" in model:
+            rows.append(
+                (
+                    f"Model inference, S300's batch of {1 + len(model['zoom_scales'])} "
+                    f"(the image and its zoom {model['zoom_scales']})",
+                    f"{model['s300_batch_ms_median']} ms",
+                    "median, same conditions",
+                )
+            )
     for process, entry in results.get("memory", {}).get("processes", {}).items():
         rows.append((f"Peak RSS, {process}", f"{entry['peak_mb']} MB", f"during {entry['during']}"))
     head = (

@@ -25,6 +25,7 @@ from pipeline.lung import lung_field
 from pipeline.model import LesionModel
 from pipeline.recognition import make_finding, rescore, select, suppress_coinciding
 from pipeline.result import AnalysisResult, Finding, SourceImage
+from pipeline.traversal import traverse
 from pipeline.watershed import segment_regions
 from pipeline.window import Preprocessed, preprocess, resize, resize_nearest
 
@@ -74,12 +75,11 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
     with t.step("s311_watershed"):
         regions = segment_regions(pre.working, config.watershed)
     with t.step("s300_model"):
-        probabilities, distances = model.predict_with_boxes(pre.working[None])
-        probabilities = probabilities[0]
+        probabilities, distances = traverse(pre, model)
         boxes = (
             None
             if distances is None
-            else BoxEvidence(distances=distances[0], probabilities=probabilities)
+            else BoxEvidence(distances=distances, probabilities=probabilities)
         )
     with t.step("s300_marks"):
         evidence = pool_evidence(probabilities, regions, config.candidates.region_weight)

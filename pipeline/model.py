@@ -25,6 +25,8 @@ FloatArray = npt.NDArray[np.float32]
 
 MANIFEST = "manifest.json"
 MAX_SUPPORT_POWER = 4.0
+MAX_ZOOM_SCALES = 4
+MAX_ZOOM = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,6 +84,11 @@ class Manifest:
     be the network without the head for the runs that need only probabilities; None: ``file``
     has both outputs."""
     box_sha256: str | None = None
+    zoom_scales: tuple[float, ...] = ()
+    """S300 for this model (``operating_point.zoom_scales``): the model also runs on centre
+    windows of the image zoomed by these factors, their outputs averaged with the whole
+    image's where they cover it (``pipeline.traversal``). (): the whole image alone. The
+    thresholds are chosen with them, so they belong to the operating point."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -186,6 +193,19 @@ def _op_section(op: object, key: str) -> dict[str, Any]:
     return section
 
 
+def _zoom_scales(op: object) -> tuple[float, ...]:
+    raw = op.get("zoom_scales", []) if isinstance(op, dict) else []
+    where = "manifest: operating_point.zoom_scales"
+    if not isinstance(raw, list) or len(raw) > MAX_ZOOM_SCALES:
+        raise ModelError(f"{where} must be a list of at most {MAX_ZOOM_SCALES} numbers")
+    for value in raw:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ModelError(f"{where} must hold numbers, got {value!r}")
+        if not 1.0 < value <= MAX_ZOOM:
+            raise ModelError(f"{where}: each scale must lie in (1, {MAX_ZOOM}], got {value}")
+    return tuple(float(v) for v in raw)
+
+
 def parse_manifest(raw: dict[str, Any]) -> Manifest:
     """Validate the manifest's structure (not yet the ONNX file) and build a ``Manifest``."""
     inp = _get(raw, "input", dict, "")
@@ -235,6 +255,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         box_output_name=box_output_name,
         box_file=box_file,
         box_sha256=box_sha256,
+        zoom_scales=_zoom_scales(op),
         raw=raw,
     )
 

@@ -184,11 +184,13 @@ def _model_dir_with_thresholds(
     extent_scale: bool = True,
     box_weight: float | None = None,
     support_power: float | None = None,
+    zoom_scales: Sequence[float] | None = None,
 ) -> Path:
     """A copy of the model folder whose manifest has every finding threshold set to value
     (with ``extent_scale=False``, no fitted extent: the regions as found; with
     ``box_weight``, that weight of the box head for every finding channel; with
-    ``support_power``, that power of the support for every finding channel)."""
+    ``support_power``, that power of the support for every finding channel; with
+    ``zoom_scales``, those S300 zoom scales)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     for name in manifest["operating_point"]["thresholds"]:
         manifest["operating_point"]["thresholds"][name] = value
@@ -202,6 +204,8 @@ def _model_dir_with_thresholds(
         manifest["operating_point"]["support_power"] = dict.fromkeys(
             manifest["operating_point"]["thresholds"], support_power
         )
+    if zoom_scales is not None:
+        manifest["operating_point"]["zoom_scales"] = list(zoom_scales)
     for file in (manifest["file"], manifest.get("box_output", {}).get("file")):
         if file is not None:
             shutil.copy(model_dir / file, tmp / file)
@@ -548,6 +552,9 @@ def fit_box_weight(
 
 
 SUPPORT_POWERS = (0.0, 0.5, 1.0, 2.0)
+ZOOM_CHOICES: tuple[tuple[float, ...], ...] = ((), (1.1,), (1.2,), (1.1, 1.2))
+"""S300 zoom scales tried by ``--fit-zoom-scales``: within the training augmentation's scale
+range (0.85–1.2), so that a zoomed window looks like what the model was trained on."""
 
 
 def fit_support_power(
@@ -564,6 +571,27 @@ def fit_support_power(
         best = max(ap, key=lambda p: (ap[p], -p))
         out[g] = (best, ap)
     return out
+
+
+def fit_zoom_scales(
+    records: Sequence[Record], runs: dict[tuple[float, ...], Sequence[Analysed]]
+) -> tuple[tuple[float, ...], dict[str, dict[str, float]]]:
+    """The zoom scales whose run (the pipeline's findings with those S300 scales) reaches
+    the highest AP50 averaged over the finding groups with lesions in ``records``, ties to
+    fewer scales, and every run's AP50 per group. One choice for all channels: the scales
+    decide the model runs, which serve every channel at once."""
+    ap = {
+        str(list(scales)): {
+            g: round(M.average_precision(_dets(run, g), _truth(records, g), 0.5), 4) for g in GROUPS
+        }
+        for scales, run in runs.items()
+    }
+
+    def mean(scales: tuple[float, ...]) -> float:  # groups without lesions (NaN) left out
+        values = [v for v in ap[str(list(scales))].values() if not math.isnan(v)]
+        return sum(values) / len(values) if values else 0.0
+
+    return max(runs, key=lambda s: (mean(s), -len(s))), ap
 
 
 def _update_manifest(model_dir: Path, **sections: Any) -> None:
@@ -646,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline, write it to the manifest's operating point, exit",
     )
     parser.add_argument(
+        "--fit-zoom-scales",
+        action="store_true",
+        help="choose the S300 zoom scales on this split (use train) through the pipeline, "
+        "write them to the manifest's operating point, exit",
+    )
+    parser.add_argument(
         "--write-metrics",
         action="store_true",
         help="write the headline figures into the manifest's metrics",
@@ -663,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fit_box_weight(args, records)
     if args.fit_support_power:
         return _fit_support_power(args, records)
+    if args.fit_zoom_scales:
+        return _fit_zoom_scales(args, records)
     if args.choose_operating_point:
         _choose_operating_point(args, records)
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
@@ -828,6 +864,25 @@ def _fit_support_power(args: argparse.Namespace, records: Sequence[Record]) -> i
     _write_best_of(args, manifest, "support_power", "power", SUPPORT_POWERS, fitted)
     print(f"support power (power, AP50 by power): {fitted}")
     print("the thresholds were chosen for the former power: --choose-operating-point again")
+    return 0
+
+
+def _fit_zoom_scales(args: argparse.Namespace, records: Sequence[Record]) -> int:
+    """Run the pipeline with each choice of ``ZOOM_CHOICES`` (finding thresholds at the
+    sweep value) on ``records``, fit the S300 zoom scales and write them to the manifest."""
+    runs = {scales: _sweep(args, records, zoom_scales=scales) for scales in ZOOM_CHOICES}
+    best, ap = fit_zoom_scales(records, runs)
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    op = manifest["operating_point"]
+    op["zoom_scales"] = list(best)
+    op["zoom_scales_rule"] = (
+        f"on the {args.split} split through the pipeline (thresholds {args.sweep_threshold}): "
+        f"the scales of {[list(c) for c in ZOOM_CHOICES]} with the highest AP50 averaged over "
+        f"the finding groups, ties to fewer scales; AP50 by scales: {ap}"
+    )
+    _update_manifest(args.model_dir, operating_point=op)
+    print(f"zoom scales {list(best)} (AP50 by scales: {ap})")
+    print("the thresholds were chosen for the former scales: --choose-operating-point again")
     return 0
 
 

@@ -194,6 +194,59 @@ def test_support_power_fit_picks_the_run_with_the_best_ap50() -> None:
     assert fitted["spot"][0] == 0.0
 
 
+def test_zoom_scale_fit_picks_the_best_mean_ap50_and_ties_to_fewer_scales() -> None:
+    """Of the runs with different S300 zoom scales the one whose findings rank the hit above
+    the false positive wins (AP50 averaged over both groups); of two equal runs the one with
+    fewer scales."""
+    from models.training.evaluate import Analysed, Found, fit_zoom_scales
+
+    tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
+    records = [_tbx_record(i, (tb,)) for i in range(2)]
+
+    def run(hit: float, miss: float) -> list[Analysed]:
+        return [
+            Analysed(
+                findings=(
+                    Found(group="shadow", box=tb.box, probability=hit, alert=None),
+                    Found(
+                        group="shadow",
+                        box=(300.0, 300.0, 340.0, 340.0),
+                        probability=miss,
+                        alert=None,
+                    ),
+                ),
+                lung=None,
+            )
+            for _ in records
+        ]
+
+    best, ap = fit_zoom_scales(
+        records, {(): run(0.5, 0.9), (1.2,): run(0.8, 0.4), (1.1, 1.2): run(0.9, 0.3)}
+    )
+    assert best == (1.2,)
+    assert ap["[]"]["shadow"] < ap["[1.2]"]["shadow"] == ap["[1.1, 1.2]"]["shadow"] == 1.0
+    best, _ = fit_zoom_scales(records, {(): run(0.5, 0.9), (1.1,): run(0.5, 0.9)})
+    assert best == ()
+
+
+def test_evaluate_fits_zoom_scales_into_the_manifest(tmp_path: Path) -> None:
+    """``--fit-zoom-scales`` runs the pipeline with each choice and writes the best scales
+    and their rule into the manifest's operating point; the pipeline loads them."""
+    from models.training.evaluate import ZOOM_CHOICES, main
+    from pipeline.model import load_model
+    from tests.model.folders import folder_with_normals
+    from tests.pipeline.tiny_model import build_tiny_model
+
+    data = folder_with_normals(tmp_path / "data")
+    model = build_tiny_model(tmp_path / "model", size=64)
+    common = [str(data), "--split", "all", "--model-dir", str(model), "--out", str(tmp_path / "e")]
+    assert main([*common, "--fit-zoom-scales"]) == 0
+    op = json.loads((model / "manifest.json").read_text())["operating_point"]
+    assert tuple(op["zoom_scales"]) in ZOOM_CHOICES
+    assert "AP50 by scales" in op["zoom_scales_rule"]
+    assert load_model(model).manifest.zoom_scales == tuple(op["zoom_scales"])
+
+
 def test_evaluate_fits_a_support_power_and_chooses_its_operating_point(tmp_path: Path) -> None:
     """``--fit-support-power`` writes a power per finding channel and its rule;
     ``--choose-operating-point`` then picks thresholds through the pipeline on the normal

@@ -1,0 +1,114 @@
+"""S300 feature traversal at several scales (``pipeline.traversal``): the zoomed windows'
+geometry, their outputs brought back to the working grid, and the blend with the whole
+image's outputs, through the real loader and a real ONNX graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ModelError
+from pipeline.model import load_model
+from pipeline.traversal import EDGE_RAMP_PX, back_to_working, traverse, zoom_window
+from pipeline.window import Preprocessed, Window, WindowSource, resize
+from tests.pipeline.tiny_model import build_tiny_model
+
+
+def _pre(full: np.ndarray, size: int) -> Preprocessed:
+    return Preprocessed(
+        full=full.astype(np.float32),
+        working=resize(full.astype(np.float32), (size, size)),
+        window=Window(low=0.0, high=1.0, source=WindowSource.PERCENTILE),
+        input_shape=(int(full.shape[0]), int(full.shape[1])),
+        spacing_mm=None,
+    )
+
+
+def _with_zoom(folder: Path, scales: object) -> Path:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["operating_point"]["zoom_scales"] = scales
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_s300_zoom_window_is_the_centre_of_the_image_in_both_grids() -> None:
+    """At scale 1.2 on a 384² working grid the window is the centre 320² (32 px from each
+    edge); in a 1000 × 800 input grid the same window, scaled per axis."""
+    pre = _pre(np.zeros((1000, 800)), 384)
+    w = zoom_window(pre, 1.2)
+    assert (w.top, w.left, w.height, w.width) == (32, 32, 320, 320)
+    assert w.input_rows == (round(32 * 1000 / 384), round(352 * 1000 / 384))
+    assert w.input_cols == (round(32 * 800 / 384), round(352 * 800 / 384))
+
+
+def test_s300_a_windows_outputs_come_back_at_their_place_and_size() -> None:
+    """A blob at the centre of a window's output lands at the window's centre; a box the
+    window sees as 24 px to each edge is 20 px in the working grid at scale 1.2."""
+    pre = _pre(np.zeros((384, 384)), 384)
+    w = zoom_window(pre, 1.2)
+    p = np.zeros((1, 384, 384), dtype=np.float32)
+    p[0, 182:202, 182:202] = 1.0
+    d = np.full((4, 384, 384), 24.0, dtype=np.float32)
+    p_back, d_back = back_to_working(p, d, w)
+    assert p_back.shape == (1, 320, 320) and d_back is not None
+    rows, cols = np.nonzero(p_back[0] > 0.5)
+    assert abs((rows.mean() + w.top) - 192) < 1.0 and abs((cols.mean() + w.left) - 192) < 1.0
+    assert np.allclose(d_back, 20.0, atol=1e-4)
+
+
+def test_s300_without_zoom_scales_the_traversal_is_one_model_run(tmp_path: Path) -> None:
+    """No ``zoom_scales`` in the manifest: exactly the model's outputs on the working image."""
+    model = load_model(build_tiny_model(tmp_path, size=64, box_px=(3.0, 4.0, 5.0, 6.0)))
+    rng = np.random.default_rng(0)
+    pre = _pre(rng.random((200, 160)), 64)
+    probabilities, distances = traverse(pre, model)
+    expected_p, expected_d = model.predict_with_boxes(pre.working[None])
+    assert expected_d is not None and distances is not None
+    assert np.array_equal(probabilities, expected_p[0])
+    assert np.array_equal(distances, expected_d[0])
+
+
+def test_s300_zoomed_outputs_are_averaged_inside_their_window_only(tmp_path: Path) -> None:
+    """With scale 1.25 the outputs outside the centre window are the whole image's; well
+    inside it they are the mean of the whole image's and the window's; the box distances
+    there are the mean of 3 px and 3 px shrunk by the window's size (51 of 64 px: the
+    window is whole pixels); the ramp makes no step at the window's edge."""
+    folder = _with_zoom(build_tiny_model(tmp_path, size=64, box_px=(3.0, 3.0, 3.0, 3.0)), [1.25])
+    model = load_model(folder)
+    assert model.manifest.zoom_scales == (1.25,)
+    rng = np.random.default_rng(1)
+    full = np.clip(0.5 + 0.2 * rng.standard_normal((256, 256)), 0, 1)
+    full[100:140, 110:150] = 0.95  # a bright patch near the centre
+    pre = _pre(full, 64)
+    probabilities, distances = traverse(pre, model)
+    assert distances is not None
+    w = zoom_window(pre, 1.25)
+    base_p, _ = model.predict_with_boxes(pre.working[None])
+    crop = resize(
+        pre.full[slice(*w.input_rows), slice(*w.input_cols)].astype(np.float32),
+        pre.working_shape,
+    )
+    zoom_p, _ = model.predict_with_boxes(crop[None])
+    back, _ = back_to_working(zoom_p[0], None, w)
+    outside = np.ones((64, 64), dtype=bool)
+    outside[w.top : w.top + w.height, w.left : w.left + w.width] = False
+    assert np.allclose(probabilities[:, outside], base_p[0][:, outside], atol=1e-6)
+    r = EDGE_RAMP_PX
+    inner = (slice(w.top + r, w.top + w.height - r), slice(w.left + r, w.left + w.width - r))
+    mean = (base_p[0][:, inner[0], inner[1]] + back[:, r:-r, r:-r]) / 2.0
+    assert np.allclose(probabilities[:, inner[0], inner[1]], mean, atol=1e-5)
+    assert w.height == 51
+    assert np.allclose(distances[:, inner[0], inner[1]], (3.0 + 3.0 * 51 / 64) / 2.0, atol=1e-3)
+    edge_step = np.abs(np.diff(distances[0], axis=1)).max()
+    assert edge_step < 0.6 / EDGE_RAMP_PX + 1e-3  # 0.6 px spread over the ramp, not a step
+
+
+@pytest.mark.parametrize("bad", [[1.0], [0.8], [2.5], ["1.2"], [True], [1.1] * 5, 1.2])
+def test_zoom_scales_are_checked_at_load(tmp_path: Path, bad: object) -> None:
+    """``operating_point.zoom_scales`` must be a short list of numbers in (1, 2]."""
+    folder = _with_zoom(build_tiny_model(tmp_path, size=64), bad)
+    with pytest.raises(ModelError, match="zoom_scales"):
+        load_model(folder)
