@@ -26,7 +26,7 @@ FloatArray = npt.NDArray[np.float32]
 MANIFEST = "manifest.json"
 MAX_SUPPORT_POWER = 4.0
 MAX_ZOOM_SCALES = 4
-MAX_ZOOM = 2.0
+MIN_ZOOM, MAX_ZOOM = 0.5, 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,10 +85,11 @@ class Manifest:
     has both outputs."""
     box_sha256: str | None = None
     zoom_scales: tuple[float, ...] = ()
-    """S300 for this model (``operating_point.zoom_scales``): the model also runs on centre
-    windows of the image zoomed by these factors, their outputs averaged with the whole
-    image's where they cover it (``pipeline.traversal``). (): the whole image alone. The
-    thresholds are chosen with them, so they belong to the operating point."""
+    """S300 for this model (``operating_point.zoom_scales``): the model also runs on views
+    of the image zoomed by these factors (above 1: a centre window enlarged; below 1: the
+    whole image shrunk into a blank input), their outputs averaged with the whole image's
+    where they cover it (``pipeline.traversal``). (): the whole image alone. The thresholds
+    are chosen with them, so they belong to the operating point."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -201,8 +202,11 @@ def _zoom_scales(op: object) -> tuple[float, ...]:
     for value in raw:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ModelError(f"{where} must hold numbers, got {value!r}")
-        if not 1.0 < value <= MAX_ZOOM:
-            raise ModelError(f"{where}: each scale must lie in (1, {MAX_ZOOM}], got {value}")
+        if not MIN_ZOOM <= value <= MAX_ZOOM or value == 1.0:
+            raise ModelError(
+                f"{where}: each scale must lie in [{MIN_ZOOM}, {MAX_ZOOM}] and not be 1, "
+                f"got {value}"
+            )
     return tuple(float(v) for v in raw)
 
 

@@ -1,13 +1,21 @@
 """S300: feature traversal — the model's probabilities (and boxes) at one or more scales.
 
 The model runs on the whole working image and, for each of the manifest's
-``operating_point.zoom_scales``, on a centre window of the full-resolution image that
-covers 1/scale of each side, resampled to the working size: the window's content is seen
-``scale`` times larger, as the training augmentation's scale range (up to 1.2) let the model
-see it. Each window's outputs are brought back to the working grid (probabilities resampled
-into the window's place, box distances shrunk by the same factor) and averaged with the
-whole image's where the window covers it, with a short ramp at the window's edge so that
-no step appears in the evidence. All runs go through the model in one batch.
+``operating_point.zoom_scales``, on one more view of it, all in one batch:
+
+- a scale above 1 zooms in: the centre window of the full-resolution image that covers
+  1/scale of each side, resampled to the working size, so its content is seen ``scale``
+  times larger. Its outputs come back into the window's place in the working grid and are
+  averaged with the whole image's there, with a short ramp at the window's edge so that no
+  step appears in the evidence;
+- a scale below 1 zooms out: the whole image shrunk to ``scale`` of each side in the centre
+  of a blank (zero) model input, as the training augmentation's smallest scales showed it.
+  Its outputs over the image's place are resampled back to the whole working grid and
+  averaged with the whole image's everywhere.
+
+Box distances are resized with the view (divided by how much larger the view showed the
+content). The training augmentation scaled images by 0.85–1.2, so views within that range
+look like what the model was trained on.
 """
 
 from __future__ import annotations
@@ -23,13 +31,15 @@ from pipeline.window import Preprocessed, resize
 FloatArray = npt.NDArray[np.float32]
 
 EDGE_RAMP_PX = 8
-"""Working pixels over which a window's weight rises from 0 at its edge to 1 inside."""
+"""Working pixels over which a zoomed-in window's weight rises from 0 at its edge to 1."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ZoomWindow:
-    """A centre window: rows [top, top + height), columns [left, left + width) of the
-    working grid, and the same window in the input grid."""
+    """Where one view's content lies, in working pixels: rows [top, top + height), columns
+    [left, left + width). Zoom in (``inward``): the window of the working grid the view
+    shows, with the same window in the input grid. Zoom out: the place of the whole image
+    in the view's own (working-size) input."""
 
     top: int
     left: int
@@ -37,15 +47,35 @@ class ZoomWindow:
     width: int
     input_rows: tuple[int, int]
     input_cols: tuple[int, int]
+    inward: bool
 
 
 def zoom_window(pre: Preprocessed, scale: float) -> ZoomWindow:
-    """The centre window that, resampled to the working size, shows its content ``scale``
-    times larger."""
+    """The view at ``scale``: above 1 the centre window that, resampled to the working size,
+    shows its content ``scale`` times larger; below 1 the centre box the whole image shrinks
+    into."""
     rows, cols = pre.working_shape
-    height, width = round(rows / scale), round(cols / scale)
+    inward = scale > 1.0
+    height, width = (
+        (round(rows / scale), round(cols / scale))
+        if inward
+        else (
+            round(rows * scale),
+            round(cols * scale),
+        )
+    )
     top, left = (rows - height) // 2, (cols - width) // 2
     sr, sc = pre.scale
+    if not inward:
+        return ZoomWindow(
+            top=top,
+            left=left,
+            height=height,
+            width=width,
+            input_rows=(0, pre.input_shape[0]),
+            input_cols=(0, pre.input_shape[1]),
+            inward=False,
+        )
     return ZoomWindow(
         top=top,
         left=left,
@@ -53,7 +83,20 @@ def zoom_window(pre: Preprocessed, scale: float) -> ZoomWindow:
         width=width,
         input_rows=(round(top * sr), round((top + height) * sr)),
         input_cols=(round(left * sc), round((left + width) * sc)),
+        inward=True,
     )
+
+
+def view_image(pre: Preprocessed, window: ZoomWindow) -> FloatArray:
+    """The model's input for one view (working shape, [0, 1])."""
+    content = pre.full[slice(*window.input_rows), slice(*window.input_cols)]
+    if window.inward:
+        return resize(content, pre.working_shape)
+    canvas = np.zeros(pre.working_shape, dtype=np.float32)
+    canvas[window.top : window.top + window.height, window.left : window.left + window.width] = (
+        resize(content, (window.height, window.width))
+    )
+    return canvas
 
 
 def _ramp(height: int, width: int) -> FloatArray:
@@ -65,31 +108,44 @@ def _ramp(height: int, width: int) -> FloatArray:
     return np.asarray(np.minimum(1.0, (np.minimum(dr, dc) + 1.0) / (EDGE_RAMP_PX + 1)), np.float32)
 
 
+def _resized(planes: FloatArray, shape: tuple[int, int], factors: FloatArray | None) -> FloatArray:
+    out = np.stack([resize(plane, shape) for plane in planes])
+    if factors is not None:
+        out *= factors[:, None, None]
+    return out
+
+
 def back_to_working(
     probabilities: FloatArray, distances: FloatArray | None, window: ZoomWindow
 ) -> tuple[FloatArray, FloatArray | None]:
-    """A window's outputs (C, H, W) and (4, H, W) in the working grid's window
-    (C, height, width): probabilities resampled, distances resampled and scaled."""
-    shape = (window.height, window.width)
-    p = np.stack([resize(channel, shape) for channel in probabilities])
+    """One view's outputs (C, H, W) and (4, H, W) in the working grid: zoom in, the
+    window's place (C, height, width); zoom out, the whole grid (C, H, W) from the image's
+    place in the view. Distances (left, top, right, bottom) are rescaled with the view."""
+    rows, cols = probabilities.shape[1:]
+    if window.inward:
+        shape = (window.height, window.width)
+        fy, fx = window.height / rows, window.width / cols
+    else:
+        shape = (rows, cols)
+        place = (
+            slice(window.top, window.top + window.height),
+            slice(window.left, window.left + window.width),
+        )
+        probabilities = probabilities[:, place[0], place[1]]
+        distances = None if distances is None else distances[:, place[0], place[1]]
+        fy, fx = rows / window.height, cols / window.width
+    p = _resized(probabilities, shape, None)
     if distances is None:
         return p, None
-    rows, cols = probabilities.shape[1:]
-    fy, fx = window.height / rows, window.width / cols
-    factors = np.array([fx, fy, fx, fy], dtype=np.float32)  # left, top, right, bottom
-    d = np.stack([resize(c, shape) * f for c, f in zip(distances, factors, strict=True)])
-    return p, d
+    return p, _resized(distances, shape, np.array([fx, fy, fx, fy], dtype=np.float32))
 
 
 def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatArray | None]:
     """S300: the probabilities (C, H, W) and box distances (4, H, W; None without a box
     head) of the working image, averaged over the manifest's zoom scales."""
     windows = [zoom_window(pre, s) for s in model.manifest.zoom_scales]
-    crops = [
-        resize(pre.full[slice(*w.input_rows), slice(*w.input_cols)], pre.working_shape)
-        for w in windows
-    ]
-    probabilities, distances = model.predict_with_boxes(np.stack([pre.working, *crops]))
+    views = [view_image(pre, w) for w in windows]
+    probabilities, distances = model.predict_with_boxes(np.stack([pre.working, *views]))
     if not windows:
         return probabilities[0], None if distances is None else distances[0]
     p_sum = probabilities[0].astype(np.float32, copy=True)
@@ -97,8 +153,12 @@ def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatAr
     weight = np.ones(pre.working_shape, dtype=np.float32)
     for k, w in enumerate(windows, start=1):
         p, d = back_to_working(probabilities[k], None if distances is None else distances[k], w)
-        ramp = _ramp(w.height, w.width)
-        rows, cols = slice(w.top, w.top + w.height), slice(w.left, w.left + w.width)
+        if w.inward:
+            ramp = _ramp(w.height, w.width)
+            rows, cols = slice(w.top, w.top + w.height), slice(w.left, w.left + w.width)
+        else:
+            ramp = np.ones(pre.working_shape, dtype=np.float32)
+            rows, cols = slice(None), slice(None)
         p_sum[:, rows, cols] += p * ramp
         if d_sum is not None and d is not None:
             d_sum[:, rows, cols] += d * ramp

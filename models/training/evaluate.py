@@ -552,9 +552,16 @@ def fit_box_weight(
 
 
 SUPPORT_POWERS = (0.0, 0.5, 1.0, 2.0)
-ZOOM_CHOICES: tuple[tuple[float, ...], ...] = ((), (1.1,), (1.2,), (1.1, 1.2))
+ZOOM_CHOICES: tuple[tuple[float, ...], ...] = (
+    (),
+    (1.1,),
+    (1.2,),
+    (1.1, 1.2),
+    (0.85,),
+    (0.85, 1.2),
+)
 """S300 zoom scales tried by ``--fit-zoom-scales``: within the training augmentation's scale
-range (0.85–1.2), so that a zoomed window looks like what the model was trained on."""
+range (0.85–1.2), so that each view looks like what the model was trained on."""
 
 
 def fit_support_power(

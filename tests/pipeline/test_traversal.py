@@ -12,7 +12,13 @@ import pytest
 
 from pipeline.errors import ModelError
 from pipeline.model import load_model
-from pipeline.traversal import EDGE_RAMP_PX, back_to_working, traverse, zoom_window
+from pipeline.traversal import (
+    EDGE_RAMP_PX,
+    back_to_working,
+    traverse,
+    view_image,
+    zoom_window,
+)
 from pipeline.window import Preprocessed, Window, WindowSource, resize
 from tests.pipeline.tiny_model import build_tiny_model
 
@@ -106,9 +112,52 @@ def test_s300_zoomed_outputs_are_averaged_inside_their_window_only(tmp_path: Pat
     assert edge_step < 0.6 / EDGE_RAMP_PX + 1e-3  # 0.6 px spread over the ramp, not a step
 
 
-@pytest.mark.parametrize("bad", [[1.0], [0.8], [2.5], ["1.2"], [True], [1.1] * 5, 1.2])
+@pytest.mark.parametrize("bad", [[1.0], [0.4], [2.5], ["1.2"], [True], [1.1] * 5, 1.2])
 def test_zoom_scales_are_checked_at_load(tmp_path: Path, bad: object) -> None:
-    """``operating_point.zoom_scales`` must be a short list of numbers in (1, 2]."""
+    """``operating_point.zoom_scales`` must be a short list of numbers in [0.5, 2], not 1."""
     folder = _with_zoom(build_tiny_model(tmp_path, size=64), bad)
     with pytest.raises(ModelError, match="zoom_scales"):
         load_model(folder)
+
+
+def test_s300_zoom_out_shrinks_the_whole_image_into_a_blank_input() -> None:
+    """At scale 0.75 on a 64² working grid the whole image fills the centre 48² of the
+    view (8 px of zeros around it), resampled from the full-resolution image."""
+    rng = np.random.default_rng(2)
+    pre = _pre(0.2 + 0.8 * rng.random((300, 200)), 64)
+    w = zoom_window(pre, 0.75)
+    assert (w.top, w.left, w.height, w.width, w.inward) == (8, 8, 48, 48, False)
+    assert (w.input_rows, w.input_cols) == ((0, 300), (0, 200))
+    view = view_image(pre, w)
+    assert view.shape == (64, 64)
+    assert not view[:8].any() and not view[-8:].any() and not view[:, :8].any()
+    assert np.allclose(view[8:56, 8:56], resize(pre.full, (48, 48)))
+
+
+def test_s300_a_zoomed_out_views_outputs_cover_the_whole_grid(tmp_path: Path) -> None:
+    """A blob at the centre of a zoomed-out view stays at the centre of the working grid
+    and grows back by 1/scale; a 6-px distance there is 8 px in the working grid at 0.75;
+    with scale 0.75 in the manifest every working pixel is the mean of the two views."""
+    pre = _pre(np.zeros((64, 64)), 64)
+    w = zoom_window(pre, 0.75)
+    p = np.zeros((1, 64, 64), dtype=np.float32)
+    p[0, 29:35, 29:35] = 1.0
+    d = np.full((4, 64, 64), 6.0, dtype=np.float32)
+    p_back, d_back = back_to_working(p, d, w)
+    assert p_back.shape == (1, 64, 64) and d_back is not None
+    rows, cols = np.nonzero(p_back[0] > 0.5)
+    assert abs(rows.mean() - 31.5) < 1.0 and abs(cols.mean() - 31.5) < 1.0
+    assert 7 <= rows.max() - rows.min() + 1 <= 9  # 6 px at 0.75 → 8 px
+    assert np.allclose(d_back, 8.0, atol=1e-4)
+
+    folder = _with_zoom(build_tiny_model(tmp_path, size=64, box_px=(3.0, 3.0, 3.0, 3.0)), [0.75])
+    model = load_model(folder)
+    rng = np.random.default_rng(3)
+    full = np.clip(0.5 + 0.2 * rng.standard_normal((256, 256)), 0, 1)
+    pre = _pre(full, 64)
+    probabilities, distances = traverse(pre, model)
+    base_p, _ = model.predict_with_boxes(pre.working[None])
+    view_p, _ = model.predict_with_boxes(view_image(pre, zoom_window(pre, 0.75))[None])
+    back, _ = back_to_working(view_p[0], None, zoom_window(pre, 0.75))
+    assert np.allclose(probabilities, (base_p[0] + back) / 2.0, atol=1e-5)
+    assert distances is not None and np.allclose(distances, (3.0 + 4.0) / 2.0, atol=1e-3)
