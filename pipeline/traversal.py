@@ -56,34 +56,22 @@ def zoom_window(pre: Preprocessed, scale: float) -> ZoomWindow:
     into."""
     rows, cols = pre.working_shape
     inward = scale > 1.0
-    height, width = (
-        (round(rows / scale), round(cols / scale))
-        if inward
-        else (
-            round(rows * scale),
-            round(cols * scale),
-        )
-    )
+    factor = 1.0 / scale if inward else scale
+    height, width = round(rows * factor), round(cols * factor)
     top, left = (rows - height) // 2, (cols - width) // 2
     sr, sc = pre.scale
-    if not inward:
-        return ZoomWindow(
-            top=top,
-            left=left,
-            height=height,
-            width=width,
-            input_rows=(0, pre.input_shape[0]),
-            input_cols=(0, pre.input_shape[1]),
-            inward=False,
-        )
+    input_rows, input_cols = (0, pre.input_shape[0]), (0, pre.input_shape[1])  # the whole image
+    if inward:
+        input_rows = (round(top * sr), round((top + height) * sr))
+        input_cols = (round(left * sc), round((left + width) * sc))
     return ZoomWindow(
         top=top,
         left=left,
         height=height,
         width=width,
-        input_rows=(round(top * sr), round((top + height) * sr)),
-        input_cols=(round(left * sc), round((left + width) * sc)),
-        inward=True,
+        input_rows=input_rows,
+        input_cols=input_cols,
+        inward=inward,
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,31 +162,38 @@ def test_the_operating_point_is_chosen_on_the_normals_most_probable_findings() -
         choose_operating_point([], channels)
 
 
-def test_support_power_fit_picks_the_run_with_the_best_ap50() -> None:
-    """Runs at three powers rank a hit and a false positive differently: the power whose
-    ranking puts the hit first wins; among equal AP50 the smaller power; a group with no
-    findings keeps power 0."""
-    from models.training.evaluate import Analysed, Found, fit_support_power
+def _hit_and_miss() -> tuple[list[Record], Callable[[float, float], list[Any]]]:
+    """Two TBX11K images with one lesion each, and runs that find on each image the lesion
+    (score ``hit``) and a false positive (score ``miss``): a fit's choice is the run whose
+    scores put the hit first."""
+    from models.training.evaluate import Analysed, Found
 
     tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
     records = [_tbx_record(i, (tb,)) for i in range(2)]
 
-    def run(hit: float, miss: float) -> list[Analysed]:
+    def run(hit: float, miss: float) -> list[Any]:
+        false_positive = (300.0, 300.0, 340.0, 340.0)
         return [
             Analysed(
                 findings=(
                     Found(group="shadow", box=tb.box, probability=hit, alert=None),
-                    Found(
-                        group="shadow",
-                        box=(300.0, 300.0, 340.0, 340.0),
-                        probability=miss,
-                        alert=None,
-                    ),
+                    Found(group="shadow", box=false_positive, probability=miss, alert=None),
                 ),
                 lung=None,
             )
             for _ in records
         ]
+
+    return records, run
+
+
+def test_support_power_fit_picks_the_run_with_the_best_ap50() -> None:
+    """Runs at three powers rank a hit and a false positive differently: the power whose
+    ranking puts the hit first wins; among equal AP50 the smaller power; a group with no
+    findings keeps power 0."""
+    from models.training.evaluate import fit_support_power
+
+    records, run = _hit_and_miss()
 
     fitted = fit_support_power(
         records, {0.0: run(0.5, 0.9), 1.0: run(0.8, 0.4), 2.0: run(0.7, 0.2)}
@@ -198,27 +207,9 @@ def test_zoom_scale_fit_picks_the_best_mean_ap50_and_ties_to_fewer_scales() -> N
     """Of the runs with different S300 zoom scales the one whose findings rank the hit above
     the false positive wins (AP50 averaged over both groups); of two equal runs the one with
     fewer scales."""
-    from models.training.evaluate import Analysed, Found, fit_zoom_scales
+    from models.training.evaluate import fit_zoom_scales
 
-    tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
-    records = [_tbx_record(i, (tb,)) for i in range(2)]
-
-    def run(hit: float, miss: float) -> list[Analysed]:
-        return [
-            Analysed(
-                findings=(
-                    Found(group="shadow", box=tb.box, probability=hit, alert=None),
-                    Found(
-                        group="shadow",
-                        box=(300.0, 300.0, 340.0, 340.0),
-                        probability=miss,
-                        alert=None,
-                    ),
-                ),
-                lung=None,
-            )
-            for _ in records
-        ]
+    records, run = _hit_and_miss()
 
     best, ap = fit_zoom_scales(
         records, {(): run(0.5, 0.9), (1.2,): run(0.8, 0.4), (1.1, 1.2): run(0.9, 0.3)}
