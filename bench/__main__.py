@@ -201,8 +201,8 @@ def table(results: dict[str, Any]) -> str:
         if "s300_batch_ms_median" in model:
             rows.append(
                 (
-                    f"Model inference, S300's batch of {1 + len(model['zoom_scales'])} "
-                    f"(the image and its zoom {model['zoom_scales']})",
+                    f"Model inference, a batch of {1 + len(model['zoom_scales'])} "
+                    f"(the image and its zoom {model['zoom_scales']}; S300 runs them one by one)",
                     f"{model['s300_batch_ms_median']} ms",
                     "median, same conditions",
                 )
