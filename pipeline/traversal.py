@@ -128,6 +128,17 @@ def back_to_working(
     return p, _resized(distances, shape, np.array([fx, fy, fx, fy], dtype=np.float32))
 
 
+def _placement(window: ZoomWindow) -> tuple[slice, slice, FloatArray | float]:
+    """Where a view's outputs (``back_to_working``) go in the working grid, and their
+    weight there: a zoomed-in window its own place with the edge ramp, a zoomed-out view
+    the whole grid at weight 1."""
+    if not window.inward:
+        return slice(None), slice(None), 1.0
+    rows = slice(window.top, window.top + window.height)
+    cols = slice(window.left, window.left + window.width)
+    return rows, cols, _ramp(window.height, window.width)
+
+
 def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatArray | None]:
     """S300: the probabilities (C, H, W) and box distances (4, H, W; None without a box
     head) of the working image, averaged over the manifest's zoom scales."""
@@ -143,12 +154,7 @@ def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatAr
         # each) and grows onnxruntime's memory arena to the batch's activations
         view_p, view_d = model.predict_with_boxes(view_image(pre, w)[None])
         p, d = back_to_working(view_p[0], None if view_d is None else view_d[0], w)
-        if w.inward:
-            ramp = _ramp(w.height, w.width)
-            rows, cols = slice(w.top, w.top + w.height), slice(w.left, w.left + w.width)
-        else:
-            ramp = np.ones(pre.working_shape, dtype=np.float32)
-            rows, cols = slice(None), slice(None)
+        rows, cols, ramp = _placement(w)
         p_sum[:, rows, cols] += p * ramp
         if d_sum is not None and d is not None:
             d_sum[:, rows, cols] += d * ramp
