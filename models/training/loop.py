@@ -69,7 +69,8 @@ def run_epochs(
 ) -> None:
     """Epochs until ``state["elapsed_s"]`` reaches ``budget_s`` or a signal arrives. Each
     epoch draws ``len(rows)`` of ``rows`` with replacement, by ``weights``, from a generator
-    seeded by (``seed``, epoch); before each batch the learning rate is set to ``lr(state)``
+    seeded by (``seed``, epoch); before each batch each parameter group's learning rate is
+    set to ``lr(state)`` × the group's ``scale`` (1 where it has none)
     and ``step(indices, generator)`` returns its loss. Then ``validate()`` (its ``loss``
     decides the best epoch), the epoch's record in ``state["history"]`` and on stdout, and
     ``after_epoch(metrics, improved)`` to write checkpoints. Only steps and validation count
@@ -84,7 +85,7 @@ def run_epochs(
         for start in range(0, len(order) - batch + 1, batch):
             t0 = time.monotonic()
             for group in optimiser.param_groups:
-                group["lr"] = lr(state)
+                group["lr"] = lr(state) * group.get("scale", 1.0)
             losses.append(step(order[start : start + batch], g))
             state["step"] += 1
             state["elapsed_s"] += time.monotonic() - t0

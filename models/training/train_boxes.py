@@ -14,6 +14,13 @@ every epoch the run validates (loss, and the IoU of the box predicted at each va
 lesion's centre), writes ``runs/<run>/last.pt`` and, when the validation loss improved,
 ``best.pt`` (U-Net + head) and the ONNX model + manifest in ``--export-dir``. The same command
 resumes from ``last.pt``; ``--export-best`` exports ``best.pt`` again and exits.
+
+``--joint`` trains the U-Net and the head together instead: every training image (normals
+too) drawn as in ``train``, the U-Net's own loss (``train.loss_terms``) plus the head's
+(``--box-loss-weight`` ×), the U-Net at ``--trunk-lr`` (the head at ``--lr``) with its
+BatchNorm statistics fixed. The probabilities change with it, so such a model needs its own
+operating point. Validation is then the sum of both losses over the validation split (the box
+loss over its abnormal images).
 """
 
 from __future__ import annotations
@@ -58,11 +65,14 @@ from models.training.train import (
     WARMUP_STEPS,
     _cosine,
     data_record,
+    loss_terms,
     run_record,
     write_compact_checkpoint,
 )
+from models.training.train import validate as validate_unet
 
 VERSION = "1.4.0"
+JOINT_VERSION = "1.6.0"
 
 
 def record_boxes(data_dir: Path, size: int) -> dict[str, torch.Tensor]:
@@ -160,6 +170,10 @@ def _batch(
     return image, target, weight, [boxes[str(i)] for i in arrays["ids"][idx]]
 
 
+def _has_lung(arrays: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arrays["has_lung"][np.sort(idx)])
+
+
 def train_step(
     detector: Detector,
     optimiser: torch.optim.Optimizer,
@@ -187,13 +201,70 @@ def train_step(
     return float(loss.item())
 
 
+def joint_step(
+    detector: Detector,
+    optimiser: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]],
+    has_lung: torch.Tensor,
+    g: torch.Generator,
+    box_loss_weight: float,
+    augment_batch: bool = True,
+) -> float:
+    """One step of the U-Net and its head together: the U-Net's loss terms on its targets
+    plus ``box_loss_weight`` × the head's IoU loss on the batch's boxes (none on normals).
+    The U-Net's BatchNorm layers keep their statistics (evaluation mode): a U-Net read back
+    from ONNX has them folded into its convolutions, and batches of 8 are too small to
+    estimate them again; their scale and shift learn with the rest."""
+    image, target, weight, boxes = batch
+    size = (image.shape[-2], image.shape[-1])
+    if augment_batch:
+        theta = augment.random_affine(image.shape[0], g)
+        image, target, weight = augment.geometry(image, target, weight, g, theta=theta)
+        image = augment.intensity(image, g)
+        boxes = [augment.transform_boxes(b, t, size) for b, t in zip(boxes, theta, strict=True)]
+    positive = target[:, :2].amax(dim=1) >= 0.5
+    tgt, index = box_targets(positive, boxes)
+    device = next(detector.boxes.parameters()).device
+    detector.train()
+    for module in detector.net.modules():  # statistics as trained (or as folded by export)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    logits, log_pred = detector(normalise(image.to(device)))
+    terms = loss_terms(logits, target.to(device), weight.to(device), has_lung.to(device))
+    loss = sum(terms.values()) + box_loss_weight * iou_loss(
+        log_pred, tgt.to(device), index.to(device)
+    )
+    assert isinstance(loss, torch.Tensor)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.item())
+
+
+def validate_joint(
+    detector: Detector,
+    arrays: dict[str, np.ndarray],
+    rows: np.ndarray,
+    boxes: dict[str, Any],
+    box_loss_weight: float,
+) -> dict[str, float]:
+    """The U-Net's validation (its loss terms over every validation image, ``unet_``) and the
+    head's (over the abnormal ones, ``box_``); ``loss`` is their sum as trained."""
+    unet = validate_unet(detector.net, arrays, 8)
+    box = validate(detector, arrays, rows, boxes)
+    out = {f"unet_{k}": v for k, v in unet.items()}
+    out.update({f"box_{k}": v for k, v in box.items()})
+    out["loss"] = unet["loss"] + box_loss_weight * box["loss"]
+    return out
+
+
 @torch.no_grad()
 def validate(
     detector: Detector, arrays: dict[str, np.ndarray], rows: np.ndarray, boxes: dict[str, Any]
 ) -> dict[str, float]:
     """Loss on the abnormal validation images (no augmentation); the IoU of the box each
     lesion's centre cell predicts: its mean and the shares at ≥ 0.3 and ≥ 0.5."""
-    detector.boxes.eval()
+    detector.eval()
     device = next(detector.boxes.parameters()).device
     losses, centre = [], []
     for start in range(0, len(rows), 8):
@@ -240,13 +311,15 @@ def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int
         "params": parameter_count(detector),
         "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
     }
-    metrics = {f"box_val_{k}": round(v, 4) for k, v in best["metrics"].items()}
+    joint = bool(best["args"].get("joint") == "True")
+    prefix = "joint_val_" if joint else "box_val_"
+    metrics = {f"{prefix}{k}": round(v, 4) for k, v in best["metrics"].items()}
     metrics["onnx_parity_max_abs_diff"] = diffs["probabilities"]
     metrics["onnx_parity_boxes_max_abs_diff_px"] = diffs["boxes"]
     return write_manifest(
         export_dir,
         size=size,
-        version=VERSION,
+        version=JOINT_VERSION if joint else VERSION,
         training=training,
         metrics=metrics,
         operating_point=_operating_point(export_dir),
@@ -299,6 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         "learning rate warms up again and follows a fresh cosine",
     )
     parser.add_argument(
+        "--joint",
+        action="store_true",
+        help="train the U-Net with the head (its own loss too, every training image)",
+    )
+    parser.add_argument("--trunk-lr", type=float, default=3e-4, help="the U-Net's lr (--joint)")
+    parser.add_argument(
+        "--box-loss-weight", type=float, default=1.0, help="the head's loss weight (--joint)"
+    )
+    parser.add_argument(
         "--write-checkpoint",
         type=Path,
         default=None,
@@ -324,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     train = dict(np.load(paths["train"]))
     val = dict(np.load(paths["val"]))
     boxes = record_boxes(args.data.resolve(), args.size)
-    train_rows = np.array([i for i, x in enumerate(train["ids"]) if len(boxes[str(x)])])
+    box_rows = np.array([i for i, x in enumerate(train["ids"]) if len(boxes[str(x)])])
     val_rows = np.array([i for i, x in enumerate(val["ids"]) if len(boxes[str(x)])])
-    if len(train_rows) < args.batch or len(val_rows) == 0:
+    train_rows = np.arange(len(train["ids"])) if args.joint else box_rows
+    if len(box_rows) < args.batch or len(val_rows) == 0:
         raise SystemExit(
-            f"{args.data}: {len(train_rows)} abnormal training and {len(val_rows)} validation "
+            f"{args.data}: {len(box_rows)} abnormal training and {len(val_rows)} validation "
             f"images; the box head needs at least --batch ({args.batch}) and 1"
         )
 
@@ -342,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         dilations = [int(d) for d in args.head_dilations.split(",")]
         head_record = {"width": args.head_width, "dilations": dilations}
         head_record["init"] = _name(args.init_head)
+        if args.joint:  # the U-Net learns on: the manifest says from what, and how
+            trunk = {"init": trunk, "trained_with_head": True, "trunk_lr": args.trunk_lr}
     detector = Detector(net, widths, **head_shape({"head": head_record}))
     if resume is not None:
         detector.load_state_dict(resume["model"])
@@ -349,8 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.init_head is not None:
         load_head(detector, args.init_head)
     detector.to(device)
-    freeze(detector)
-    optimiser = torch.optim.AdamW(detector.boxes.parameters(), lr=args.lr, weight_decay=1e-4)
+    if args.joint:
+        groups = [
+            {"params": detector.net.parameters(), "scale": args.trunk_lr / args.lr},
+            {"params": detector.boxes.parameters(), "scale": 1.0},
+        ]
+    else:
+        freeze(detector)
+        groups = [{"params": detector.boxes.parameters(), "scale": 1.0}]
+    optimiser = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best": math.inf}
     state["history"] = []
     if resume is not None:
@@ -359,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed {last} at epoch {state['epoch']}", flush=True)
     print(
         f"box head params {parameter_count(detector.boxes)} on U-Net {trunk} "
-        f"abnormal train {len(train_rows)} val {len(val_rows)} device {device}",
+        f"{'joint, ' if args.joint else ''}train {len(train_rows)} "
+        f"(abnormal {len(box_rows)}) abnormal val {len(val_rows)} device {device}",
         flush=True,
     )
     budget = args.minutes * 60
@@ -381,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "last.tmp.pt").replace(last)
         if not improved:
             return
-        data = {"digest": digest, "counts": counts, "abnormal_train": len(train_rows)}
+        data = {"digest": digest, "counts": counts, "abnormal_train": len(box_rows)}
         best = {k: v for k, v in ckpt.items() if k != "optimiser"}
         best.update(data=data, metrics=metrics)
         write_best(best, run_dir, lambda: export(detector, export_dir, best, args.size), export_dir)
@@ -397,8 +490,23 @@ def main(argv: list[str] | None = None) -> int:
         lr=lambda st: (
             args.lr * min(1.0, (st["step"] + 1) / WARMUP_STEPS) * _cosine(st["elapsed_s"], budget)
         ),
-        step=lambda idx, g: train_step(detector, optimiser, _batch(train, idx, boxes), g),
-        validate=lambda: validate(detector, val, val_rows, boxes),
+        step=lambda idx, g: (
+            joint_step(
+                detector,
+                optimiser,
+                _batch(train, idx, boxes),
+                _has_lung(train, idx),
+                g,
+                args.box_loss_weight,
+            )
+            if args.joint
+            else train_step(detector, optimiser, _batch(train, idx, boxes), g)
+        ),
+        validate=lambda: (
+            validate_joint(detector, val, val_rows, boxes, args.box_loss_weight)
+            if args.joint
+            else validate(detector, val, val_rows, boxes)
+        ),
         after_epoch=after_epoch,
     )
     print("done", flush=True)

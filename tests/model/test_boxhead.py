@@ -105,6 +105,31 @@ def test_a_box_step_trains_the_head_and_leaves_the_unet_as_it_was() -> None:
         assert torch.equal(v, unet[k]), k  # weights and BatchNorm statistics
 
 
+def test_a_joint_step_trains_unet_and_head_and_keeps_the_batchnorm_statistics() -> None:
+    from models.training.train_boxes import joint_step
+
+    torch.manual_seed(0)
+    detector = Detector(UNet(widths=WIDTHS), WIDTHS)
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    optimiser = torch.optim.AdamW(detector.parameters(), lr=1e-2)
+    images = torch.rand(2, 1, SIZE, SIZE)
+    targets = torch.zeros(2, 3, SIZE, SIZE)
+    targets[0, 1, 20:40, 10:30] = 1.0  # image 1 is a normal study: no box, no lesion
+    boxes = [torch.tensor([[10.0, 20.0, 30.0, 40.0]]), torch.zeros(0, 4)]
+    batch = (images, targets, torch.ones(2, 2, SIZE, SIZE), boxes)
+    has_lung = torch.tensor([False, False])
+    losses = [
+        joint_step(detector, optimiser, batch, has_lung, torch.Generator().manual_seed(i), 1.0)
+        for i in range(3)
+    ]
+    assert all(np.isfinite(loss) and loss > 0 for loss in losses)
+    after = detector.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert "net.stem.0.weight" in changed and any(k.startswith("boxes.") for k in changed)
+    stats = [k for k in after if k.endswith(("running_mean", "running_var", "batches_tracked"))]
+    assert stats and not changed.intersection(stats)
+
+
 def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path: Path) -> None:
     """``train`` a tiny U-Net, ``train_boxes`` a head on it for a moment: the export has both
     outputs, its manifest names the box output and the U-Net it extends, and
@@ -167,6 +192,16 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     with pytest.raises(SystemExit, match="another shape"):
         boxes_main([*init, "--run", "init2", "--head-dilations", "1"])
 
+    # --joint: the U-Net learns with the head; its own version, record and metrics
+    joint_dir = tmp_path / "joint"
+    joint = [*other, "--run", "joint", "--joint", "--init-head", str(compact)]
+    assert boxes_main([*joint, "--export-dir", str(joint_dir)]) == 0
+    joint_manifest = json.loads((joint_dir / "manifest.json").read_text())
+    assert joint_manifest["version"] == "1.6.0"
+    assert joint_manifest["training"]["unet"]["trained_with_head"] is True
+    assert joint_manifest["training"]["unet"]["init"]["sha256"] == wide["unet"]["sha256"]
+    assert "joint_val_unet_loss" in joint_manifest["metrics"]
+
     model, plain = load_model(box_dir, threads=1), load_model(unet_dir, threads=1)
     image = np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32)
     probabilities, distances = model.predict_with_boxes(image)
@@ -176,6 +211,8 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     assert plain.predict_with_boxes(image)[1] is None
     wide_probabilities, _ = load_model(wide_dir, threads=1).predict_with_boxes(image)
     np.testing.assert_allclose(wide_probabilities, plain.predict(image), atol=1e-5)
+    joint_probabilities, _ = load_model(joint_dir, threads=1).predict_with_boxes(image)
+    assert np.abs(joint_probabilities - plain.predict(image)).max() > 0  # the U-Net learned
 
 
 def test_a_unet_comes_back_from_its_onnx_file_as_shipped(tmp_path: Path) -> None:
