@@ -174,14 +174,13 @@ def _has_lung(arrays: dict[str, np.ndarray], idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arrays["has_lung"][np.sort(idx)])
 
 
-def train_step(
-    detector: Detector,
-    optimiser: torch.optim.Optimizer,
+def _augmented(
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]],
     g: torch.Generator,
-    augment_batch: bool = True,
-) -> float:
-    """One step of the head on a batch (images, targets, weights, boxes per image)."""
+    augment_batch: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch after the augmentation (its boxes moved with the geometry) and its box targets
+    (``box_targets``): image, target, weight, box distances, lesion index."""
     image, target, weight, boxes = batch
     size = (image.shape[-2], image.shape[-1])
     if augment_batch:
@@ -190,7 +189,18 @@ def train_step(
         image = augment.intensity(image, g)
         boxes = [augment.transform_boxes(b, t, size) for b, t in zip(boxes, theta, strict=True)]
     positive = target[:, :2].amax(dim=1) >= 0.5
-    tgt, index = box_targets(positive, boxes)
+    return (image, target, weight, *box_targets(positive, boxes))
+
+
+def train_step(
+    detector: Detector,
+    optimiser: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]],
+    g: torch.Generator,
+    augment_batch: bool = True,
+) -> float:
+    """One step of the head on a batch (images, targets, weights, boxes per image)."""
+    image, _, _, tgt, index = _augmented(batch, g, augment_batch)
     device = next(detector.boxes.parameters()).device
     detector.boxes.train()
     log_pred = _forward(detector, image.to(device))
@@ -215,15 +225,7 @@ def joint_step(
     The U-Net's BatchNorm layers keep their statistics (evaluation mode): a U-Net read back
     from ONNX has them folded into its convolutions, and batches of 8 are too small to
     estimate them again; their scale and shift learn with the rest."""
-    image, target, weight, boxes = batch
-    size = (image.shape[-2], image.shape[-1])
-    if augment_batch:
-        theta = augment.random_affine(image.shape[0], g)
-        image, target, weight = augment.geometry(image, target, weight, g, theta=theta)
-        image = augment.intensity(image, g)
-        boxes = [augment.transform_boxes(b, t, size) for b, t in zip(boxes, theta, strict=True)]
-    positive = target[:, :2].amax(dim=1) >= 0.5
-    tgt, index = box_targets(positive, boxes)
+    image, target, weight, tgt, index = _augmented(batch, g, augment_batch)
     device = next(detector.boxes.parameters()).device
     detector.train()
     for module in detector.net.modules():  # statistics as trained (or as folded by export)
