@@ -313,7 +313,7 @@ def export(detector: Detector, export_dir: Path, best: dict[str, Any], size: int
         "params": parameter_count(detector),
         "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
     }
-    joint = bool(best["args"].get("joint") == "True")
+    joint = best["args"].get("joint") == "True"
     prefix = "joint_val_" if joint else "box_val_"
     metrics = {f"{prefix}{k}": round(v, 4) for k, v in best["metrics"].items()}
     metrics["onnx_parity_max_abs_diff"] = diffs["probabilities"]
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train the U-Net with the head (its own loss too, every training image)",
     )
-    parser.add_argument("--trunk-lr", type=float, default=3e-4, help="the U-Net's lr (--joint)")
+    parser.add_argument("--trunk-lr", type=float, default=1e-4, help="the U-Net's lr (--joint)")
     parser.add_argument(
         "--box-loss-weight", type=float, default=1.0, help="the head's loss weight (--joint)"
     )
@@ -420,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "last.pt"
     resume = torch.load(last, weights_only=False, map_location="cpu") if last.exists() else None
+    if resume is not None and (resume["args"].get("joint") == "True") != args.joint:
+        raise SystemExit(
+            f"{last}: a {'joint' if args.joint else 'head-only'} command cannot resume this "
+            f"run; give --joint exactly as it was given, or another --run"
+        )
     net, widths, trunk = load_trunk(args.trunk if resume is None else last)
     if resume is not None:  # the head's shape and origin are the run's, whatever the flags
         head_record = resume.get("head") or {**head_shape(resume), "init": None}

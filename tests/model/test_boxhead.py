@@ -201,6 +201,8 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     assert joint_manifest["training"]["unet"]["trained_with_head"] is True
     assert joint_manifest["training"]["unet"]["init"]["sha256"] == wide["unet"]["sha256"]
     assert "joint_val_unet_loss" in joint_manifest["metrics"]
+    with pytest.raises(SystemExit, match="cannot resume"):
+        boxes_main([*other, "--run", "joint"])  # the joint run, without --joint
 
     model, plain = load_model(box_dir, threads=1), load_model(unet_dir, threads=1)
     image = np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32)
