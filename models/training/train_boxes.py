@@ -20,12 +20,15 @@ too) drawn as in ``train``, the U-Net's own loss (``train.loss_terms``) plus the
 (``--box-loss-weight`` ×), the U-Net at ``--trunk-lr`` (the head at ``--lr``) with its
 BatchNorm statistics fixed. The probabilities change with it, so such a model needs its own
 operating point. Validation is then the sum of both losses over the validation split (the box
-loss over its abnormal images).
+loss over its abnormal images). ``--distill-spot W`` adds W × how far the spot channel has
+moved from the starting U-Net's (``spot_drift``), on training and validation images alike:
+the boxes and shadows learn while the spots stay as they were.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -34,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from models.training import augment
 from models.training.boxhead import (
@@ -45,7 +49,7 @@ from models.training.boxhead import (
     cell_iou,
     iou_loss,
 )
-from models.training.dataset import LABEL_CHANNEL, packed, read_records
+from models.training.dataset import FINDING_CHANNELS, LABEL_CHANNEL, packed, read_records
 from models.training.export import (
     BOX_FILE,
     DEFAULT_OPERATING_POINT,
@@ -73,6 +77,7 @@ from models.training.train import validate as validate_unet
 
 VERSION = "1.4.0"
 JOINT_VERSION = "1.6.0"
+SPOT = FINDING_CHANNELS.index("spot")  # the channel --distill-spot keeps
 
 
 def record_boxes(data_dir: Path, size: int) -> dict[str, torch.Tensor]:
@@ -125,6 +130,23 @@ def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
     return net, widths, origin
 
 
+def starting_unet(net: UNet, trunk: dict[str, Any], trunk_path: Path, resumed: bool) -> UNet:
+    """The U-Net as the joint run started (frozen, evaluation mode): a copy of ``net`` before
+    it learns, or, on resume, read again from ``--trunk``, which must be the file it started
+    from."""
+    if resumed:
+        init = trunk.get("init", {})
+        if init.get("sha256") and init["sha256"] != sha256_of(trunk_path):
+            raise SystemExit(
+                f"{trunk_path} is not the U-Net this run started from ({init.get('from')}); "
+                f"give that file as --trunk to resume it"
+            )
+        net = load_trunk(trunk_path)[0]
+    teacher = copy.deepcopy(net)
+    freeze_unet(teacher)
+    return teacher
+
+
 def head_shape(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The box head's shape a checkpoint was trained with (the first heads had no record:
     the defaults)."""
@@ -149,9 +171,13 @@ def load_head(detector: Detector, path: Path) -> None:
 
 def freeze(detector: Detector) -> None:
     """The U-Net learns nothing and stays in evaluation mode (BatchNorm statistics fixed)."""
-    for p in detector.net.parameters():
+    freeze_unet(detector.net)
+
+
+def freeze_unet(net: UNet) -> None:
+    for p in net.parameters():
         p.requires_grad_(False)
-    detector.net.eval()
+    net.eval()
 
 
 def _forward(detector: Detector, image: torch.Tensor) -> torch.Tensor:
@@ -192,6 +218,20 @@ def _augmented(
     return (image, target, weight, *box_targets(positive, boxes))
 
 
+def spot_drift(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """How far the spot channel's probabilities (logits in, N×C×H×W) have moved from the
+    teacher's: the Bernoulli KL divergence per pixel, averaged with weights that follow where
+    either is high (plus 0.01), so a spot's peak that fades or a new one on a normal image
+    counts, not only the background around it. Zero where they agree."""
+    s, t = student[:, SPOT], teacher[:, SPOT].detach()
+    pt = torch.sigmoid(t)
+    kl = F.binary_cross_entropy_with_logits(s, pt, reduction="none") - (
+        F.binary_cross_entropy_with_logits(t, pt, reduction="none")
+    )
+    w = torch.maximum(pt, torch.sigmoid(s)).detach() + 0.01
+    return (w * kl).sum() / w.sum()
+
+
 def train_step(
     detector: Detector,
     optimiser: torch.optim.Optimizer,
@@ -219,9 +259,12 @@ def joint_step(
     g: torch.Generator,
     box_loss_weight: float,
     augment_batch: bool = True,
+    teacher: UNet | None = None,
+    distill: float = 0.0,
 ) -> float:
     """One step of the U-Net and its head together: the U-Net's loss terms on its targets
-    plus ``box_loss_weight`` × the head's IoU loss on the batch's boxes (none on normals).
+    plus ``box_loss_weight`` × the head's IoU loss on the batch's boxes (none on normals),
+    plus ``distill`` × ``spot_drift`` from ``teacher`` (frozen) where one is given.
     The U-Net's BatchNorm layers keep their statistics (evaluation mode): a U-Net read back
     from ONNX has them folded into its convolutions, and batches of 8 are too small to
     estimate them again; their scale and shift learn with the rest."""
@@ -236,6 +279,10 @@ def joint_step(
     loss = sum(terms.values()) + box_loss_weight * iou_loss(
         log_pred, tgt.to(device), index.to(device)
     )
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            taught = teacher(normalise(image.to(device)))
+        loss = loss + distill * spot_drift(logits, taught)
     assert isinstance(loss, torch.Tensor)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -249,15 +296,35 @@ def validate_joint(
     rows: np.ndarray,
     boxes: dict[str, Any],
     box_loss_weight: float,
+    teacher: UNet | None = None,
+    distill: float = 0.0,
 ) -> dict[str, float]:
     """The U-Net's validation (its loss terms over every validation image, ``unet_``) and the
-    head's (over the abnormal ones, ``box_``); ``loss`` is their sum as trained."""
+    head's (over the abnormal ones, ``box_``), with a teacher the spot channel's drift from it
+    over every validation image; ``loss`` is their sum as trained."""
     unet = validate_unet(detector.net, arrays, 8)
     box = validate(detector, arrays, rows, boxes)
     out = {f"unet_{k}": v for k, v in unet.items()}
     out.update({f"box_{k}": v for k, v in box.items()})
     out["loss"] = unet["loss"] + box_loss_weight * box["loss"]
+    if teacher is not None:
+        out["spot_drift"] = drift_over(detector.net, teacher, arrays)
+        out["loss"] += distill * out["spot_drift"]
     return out
+
+
+@torch.no_grad()
+def drift_over(net: UNet, teacher: UNet, arrays: dict[str, np.ndarray]) -> float:
+    """``spot_drift`` of ``net`` from ``teacher`` over all of ``arrays``' images, image-weighted."""
+    net.eval()
+    teacher.eval()
+    device = next(net.parameters()).device
+    n, total = len(arrays["images"]), 0.0
+    for start in range(0, n, 8):
+        image = torch.from_numpy(arrays["images"][start : start + 8]).float().unsqueeze(1) / 255.0
+        x = normalise(image.to(device))
+        total += float(spot_drift(net(x), teacher(x))) * len(image)
+    return total / n
 
 
 @torch.no_grad()
@@ -383,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         "--box-loss-weight", type=float, default=1.0, help="the head's loss weight (--joint)"
     )
     parser.add_argument(
+        "--distill-spot",
+        type=float,
+        default=0.0,
+        help="weight of the spot channel's drift from the starting U-Net (--joint; 0: none)",
+    )
+    parser.add_argument(
         "--write-checkpoint",
         type=Path,
         default=None,
@@ -434,13 +507,19 @@ def main(argv: list[str] | None = None) -> int:
         head_record["init"] = _name(args.init_head)
         if args.joint:  # the U-Net learns on: the manifest says from what, and how
             trunk = {"init": trunk, "trained_with_head": True, "trunk_lr": args.trunk_lr}
+            if args.distill_spot > 0:
+                trunk["distill_spot"] = args.distill_spot
     detector = Detector(net, widths, **head_shape({"head": head_record}))
     if resume is not None:
         detector.load_state_dict(resume["model"])
         trunk = resume["trunk"]
     elif args.init_head is not None:
         load_head(detector, args.init_head)
+    distill = float(trunk.get("distill_spot", 0.0)) if args.joint else 0.0
+    teacher = starting_unet(net, trunk, args.trunk, resume is not None) if distill else None
     detector.to(device)
+    if teacher is not None:
+        teacher.to(device)
     if args.joint:
         groups = [
             {"params": detector.net.parameters(), "scale": args.trunk_lr / args.lr},
@@ -505,12 +584,14 @@ def main(argv: list[str] | None = None) -> int:
                 _has_lung(train, idx),
                 g,
                 args.box_loss_weight,
+                teacher=teacher,
+                distill=distill,
             )
             if args.joint
             else train_step(detector, optimiser, _batch(train, idx, boxes), g)
         ),
         validate=lambda: (
-            validate_joint(detector, val, val_rows, boxes, args.box_loss_weight)
+            validate_joint(detector, val, val_rows, boxes, args.box_loss_weight, teacher, distill)
             if args.joint
             else validate(detector, val, val_rows, boxes)
         ),

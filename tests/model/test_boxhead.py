@@ -130,6 +130,57 @@ def test_a_joint_step_trains_unet_and_head_and_keeps_the_batchnorm_statistics() 
     assert stats and not changed.intersection(stats)
 
 
+def test_spot_drift_is_zero_where_the_spot_channel_agrees_and_grows_as_it_moves() -> None:
+    from models.training.train_boxes import spot_drift
+
+    teacher = torch.randn(2, 3, SIZE, SIZE)
+    student = teacher.clone()
+    student[:, 1] += 3.0  # the shadow and lung channels are free to move
+    student[:, 2] -= 3.0
+    assert float(spot_drift(student, teacher)) == pytest.approx(0.0, abs=1e-6)
+    faded, gone = teacher.clone(), teacher.clone()
+    faded[:, 0, 10:20, 10:20] -= 2.0
+    gone[:, 0, 10:20, 10:20] -= 6.0
+    assert 0 < float(spot_drift(faded, teacher)) < float(spot_drift(gone, teacher))
+
+
+def test_a_joint_step_with_a_teacher_pulls_the_spot_channel_back_and_leaves_it_alone() -> None:
+    from models.training.train_boxes import joint_step, spot_drift, starting_unet
+
+    torch.manual_seed(0)
+    detector = Detector(UNet(widths=WIDTHS), WIDTHS)
+    teacher = starting_unet(detector.net, {}, Path("unused"), resumed=False)
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    images = torch.rand(2, 1, SIZE, SIZE)
+    targets = torch.zeros(2, 3, SIZE, SIZE)
+    targets[0, 0, 20:40, 10:30] = 1.0  # a spot target the teacher has not learned
+    boxes = [torch.tensor([[10.0, 20.0, 30.0, 40.0]]), torch.zeros(0, 4)]
+    batch = (images, targets, torch.ones(2, 2, SIZE, SIZE), boxes)
+    drift = {}
+    for weight in (0.0, 50.0):
+        torch.manual_seed(1)
+        student = Detector(UNet(widths=WIDTHS), WIDTHS)
+        student.load_state_dict(detector.state_dict())
+        optimiser = torch.optim.AdamW(student.parameters(), lr=1e-2)
+        for i in range(4):
+            joint_step(
+                student,
+                optimiser,
+                batch,
+                torch.tensor([False, False]),
+                torch.Generator().manual_seed(i),
+                1.0,
+                augment_batch=False,
+                teacher=teacher,
+                distill=weight,
+            )
+        with torch.no_grad():
+            x = torch.rand(2, 1, SIZE, SIZE)
+            drift[weight] = float(spot_drift(student.eval().net(x), teacher(x)))
+    assert 0 < drift[50.0] < drift[0.0]
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+
+
 def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path: Path) -> None:
     """``train`` a tiny U-Net, ``train_boxes`` a head on it for a moment: the export has both
     outputs, its manifest names the box output and the U-Net it extends, and
@@ -203,6 +254,18 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     assert "joint_val_unet_loss" in joint_manifest["metrics"]
     with pytest.raises(SystemExit, match="cannot resume"):
         boxes_main([*other, "--run", "joint"])  # the joint run, without --joint
+    # --distill-spot: recorded, validated, and resumed only from the U-Net it started from
+    distill = [*other, "--init-head", str(compact), "--run", "distill", "--joint"]
+    distill += ["--distill-spot", "2"]
+    assert boxes_main([*distill, "--export-dir", str(tmp_path / "distill")]) == 0
+    distilled = json.loads((tmp_path / "distill" / "manifest.json").read_text())
+    assert distilled["training"]["unet"]["distill_spot"] == 2.0
+    assert distilled["metrics"]["joint_val_spot_drift"] >= 0
+    assert boxes_main(distill) == 0  # resumes against the same --trunk
+    changed = tmp_path / "changed.onnx"
+    changed.write_bytes(onnx_trunk.read_bytes() + b"\0")
+    with pytest.raises(SystemExit, match="not the U-Net this run started from"):
+        boxes_main([*distill, "--trunk", str(changed)])
 
     model, plain = load_model(box_dir, threads=1), load_model(unet_dir, threads=1)
     image = np.random.default_rng(0).random((1, SIZE, SIZE), dtype=np.float32)
