@@ -143,7 +143,7 @@ def starting_unet(net: UNet, trunk: dict[str, Any], trunk_path: Path, resumed: b
             )
         net = load_trunk(trunk_path)[0]
     teacher = copy.deepcopy(net)
-    freeze_unet(teacher)
+    freeze(teacher)
     return teacher
 
 
@@ -169,12 +169,8 @@ def load_head(detector: Detector, path: Path) -> None:
         raise SystemExit(f"{path}: its head has another shape than this run's: {exc}") from exc
 
 
-def freeze(detector: Detector) -> None:
+def freeze(net: UNet) -> None:
     """The U-Net learns nothing and stays in evaluation mode (BatchNorm statistics fixed)."""
-    freeze_unet(detector.net)
-
-
-def freeze_unet(net: UNet) -> None:
     for p in net.parameters():
         p.requires_grad_(False)
     net.eval()
@@ -526,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             {"params": detector.boxes.parameters(), "scale": 1.0},
         ]
     else:
-        freeze(detector)
+        freeze(detector.net)
         groups = [{"params": detector.boxes.parameters(), "scale": 1.0}]
     optimiser = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "best": math.inf}

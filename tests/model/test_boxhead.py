@@ -84,7 +84,7 @@ def test_a_box_step_trains_the_head_and_leaves_the_unet_as_it_was() -> None:
 
     torch.manual_seed(0)
     detector = Detector(UNet(widths=WIDTHS), WIDTHS)
-    freeze(detector)
+    freeze(detector.net)
     unet = {k: v.clone() for k, v in detector.net.state_dict().items()}
     head = [p.detach().clone() for p in detector.boxes.parameters()]
     optimiser = torch.optim.AdamW(detector.boxes.parameters(), lr=1e-2)
