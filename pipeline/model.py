@@ -27,6 +27,7 @@ MANIFEST = "manifest.json"
 MAX_SUPPORT_POWER = 4.0
 MAX_ZOOM_SCALES = 4
 MIN_ZOOM, MAX_ZOOM = 0.5, 2.0
+VIEW_FUSIONS = ("mean", "max")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +58,12 @@ class Channel:
     (``operating_point.support_power``, fitted on training data by ``evaluate
     --fit-support-power``): of two regions with the same peak, the one the model marks as a
     whole ranks above the one it marks at a point. 0: the peak alone."""
+    view_fusion: str = "mean"
+    """S300 for this model with zoom scales: how this channel's probabilities from the
+    views are combined where they overlap (``operating_point.view_fusion``, fitted on
+    training data by ``evaluate --fit-view-fusion``): ``mean``, their weighted average;
+    ``max``, the strongest view, so that evidence one scale shows is not diluted by views
+    at which the lesion is too small or too large to be seen."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +148,7 @@ def _channel(
     extent_scales: dict[str, Any],
     box_weights: dict[str, Any],
     support_powers: dict[str, Any],
+    view_fusions: dict[str, Any],
 ) -> Channel:
     if not isinstance(raw, dict):
         raise ModelError(f"manifest: channels[{i}] must be an object")
@@ -172,6 +180,11 @@ def _channel(
         raise ModelError(
             f"manifest: operating_point.support_power.{name} must lie in [0, {MAX_SUPPORT_POWER}]"
         )
+    view_fusion = view_fusions.get(name, "mean")
+    if view_fusion not in VIEW_FUSIONS:
+        raise ModelError(
+            f"manifest: operating_point.view_fusion.{name} must be one of {VIEW_FUSIONS}"
+        )
     return Channel(
         index=i,
         name=name,
@@ -183,6 +196,7 @@ def _channel(
         extent_scale=extent_scale,
         box_weight=float(box_weight),
         support_power=float(support_power),
+        view_fusion=view_fusion,
     )
 
 
@@ -218,7 +232,14 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     op = raw.get("operating_point", {})
     per_channel = [
         _op_section(op, key)
-        for key in ("thresholds", "alert_thresholds", "extent_scale", "box_weight", "support_power")
+        for key in (
+            "thresholds",
+            "alert_thresholds",
+            "extent_scale",
+            "box_weight",
+            "support_power",
+            "view_fusion",
+        )
     ]
     channels = tuple(
         _channel(i, c, *per_channel) for i, c in enumerate(_get(raw, "channels", list, ""))

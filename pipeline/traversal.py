@@ -13,6 +13,8 @@ The model runs on the whole working image and, for each of the manifest's
   Its outputs over the image's place are resampled back to the whole working grid and
   averaged with the whole image's everywhere.
 
+A channel whose ``view_fusion`` is ``max`` takes the strongest view instead of the average.
+
 Box distances are resized with the view (divided by how much larger the view showed the
 content). The training augmentation scaled images by 0.85–1.2, so views within that range
 look like what the model was trained on. Each view is its own model run (batch 1).
@@ -141,11 +143,17 @@ def _placement(window: ZoomWindow) -> tuple[slice, slice, FloatArray | float]:
 
 def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatArray | None]:
     """S300: the probabilities (C, H, W) and box distances (4, H, W; None without a box
-    head) of the working image, averaged over the manifest's zoom scales."""
+    head) of the working image over the manifest's zoom scales: box distances and the
+    channels fused by ``mean`` averaged where the views cover the image, the channels fused
+    by ``max`` the strongest view there (each view first blended into the whole image's
+    over its edge ramp, so that no step appears)."""
     windows = [zoom_window(pre, s) for s in model.manifest.zoom_scales]
     probabilities, distances = model.predict_with_boxes(pre.working[None])
     if not windows:
         return probabilities[0], None if distances is None else distances[0]
+    strongest = [c.index for c in model.manifest.channels if c.view_fusion == "max"]
+    whole = probabilities[0][strongest]
+    p_max = whole.astype(np.float32, copy=True)
     p_sum = probabilities[0].astype(np.float32, copy=True)
     d_sum = None if distances is None else distances[0].astype(np.float32, copy=True)
     weight = np.ones(pre.working_shape, dtype=np.float32)
@@ -156,10 +164,15 @@ def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatAr
         p, d = back_to_working(view_p[0], None if view_d is None else view_d[0], w)
         rows, cols, ramp = _placement(w)
         p_sum[:, rows, cols] += p * ramp
+        if strongest:
+            blended = p[strongest] * ramp + whole[:, rows, cols] * (1.0 - ramp)
+            np.maximum(p_max[:, rows, cols], blended, out=p_max[:, rows, cols])
         if d_sum is not None and d is not None:
             d_sum[:, rows, cols] += d * ramp
         weight[rows, cols] += ramp
+    fused = p_sum / weight
+    fused[strongest] = p_max
     return (
-        np.asarray(p_sum / weight, dtype=np.float32),
+        np.asarray(fused, dtype=np.float32),
         None if d_sum is None else np.asarray(d_sum / weight, dtype=np.float32),
     )

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from models.training import metrics as M
 from models.training.dataset import Record, load_grey, read_records, split_by_patient
 from models.training.preprocess import prepare
+from pipeline.model import VIEW_FUSIONS
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP_OF_LABEL = {
@@ -185,12 +186,14 @@ def _model_dir_with_thresholds(
     box_weight: float | None = None,
     support_power: float | None = None,
     zoom_scales: Sequence[float] | None = None,
+    view_fusion: str | None = None,
 ) -> Path:
     """A copy of the model folder whose manifest has every finding threshold set to value
     (with ``extent_scale=False``, no fitted extent: the regions as found; with
     ``box_weight``, that weight of the box head for every finding channel; with
     ``support_power``, that power of the support for every finding channel; with
-    ``zoom_scales``, those S300 zoom scales)."""
+    ``zoom_scales``, those S300 zoom scales; with ``view_fusion``, that S300 view fusion
+    for every finding channel)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     for name in manifest["operating_point"]["thresholds"]:
         manifest["operating_point"]["thresholds"][name] = value
@@ -206,6 +209,10 @@ def _model_dir_with_thresholds(
         )
     if zoom_scales is not None:
         manifest["operating_point"]["zoom_scales"] = list(zoom_scales)
+    if view_fusion is not None:
+        manifest["operating_point"]["view_fusion"] = dict.fromkeys(
+            manifest["operating_point"]["thresholds"], view_fusion
+        )
     for file in (manifest["file"], manifest.get("box_output", {}).get("file")):
         if file is not None:
             shutil.copy(model_dir / file, tmp / file)
@@ -564,20 +571,38 @@ ZOOM_CHOICES: tuple[tuple[float, ...], ...] = (
 range (0.85–1.2), so that each view looks like what the model was trained on."""
 
 
+def fit_per_group(
+    records: Sequence[Record], runs: dict[Any, Sequence[Analysed]]
+) -> dict[str, tuple[Any, dict[Any, float]]]:
+    """Per group, the choice whose run (the pipeline's findings with that choice) reaches the
+    highest AP50 on ``records``, ties to the earlier choice in ``runs``, and every choice's
+    AP50."""
+    order = list(runs)
+    out = {}
+    for g in GROUPS:
+        truth = _truth(records, g)
+        ap = {
+            c: round(M.average_precision(_dets(run, g), truth, 0.5), 4) for c, run in runs.items()
+        }
+        best = max(order, key=lambda c: (ap[c], -order.index(c)))
+        out[g] = (best, ap)
+    return out
+
+
 def fit_support_power(
     records: Sequence[Record], runs: dict[float, Sequence[Analysed]]
 ) -> dict[str, tuple[float, dict[float, float]]]:
     """Per group, the power whose run (the pipeline's findings at that support power) reaches
     the highest AP50 on ``records``, ties to the smaller power, and every power's AP50."""
-    out = {}
-    for g in GROUPS:
-        truth = _truth(records, g)
-        ap = {
-            p: round(M.average_precision(_dets(run, g), truth, 0.5), 4) for p, run in runs.items()
-        }
-        best = max(ap, key=lambda p: (ap[p], -p))
-        out[g] = (best, ap)
-    return out
+    return fit_per_group(records, dict(sorted(runs.items())))
+
+
+def fit_view_fusion(
+    records: Sequence[Record], runs: dict[str, Sequence[Analysed]]
+) -> dict[str, tuple[str, dict[str, float]]]:
+    """Per group, the S300 view fusion (``VIEW_FUSIONS``) whose run reaches the highest AP50
+    on ``records``, ties to ``mean`` (the views averaged), and every fusion's AP50."""
+    return fit_per_group(records, {f: runs[f] for f in VIEW_FUSIONS})
 
 
 def fit_zoom_scales(
@@ -687,6 +712,13 @@ def main(argv: list[str] | None = None) -> int:
         "write them to the manifest's operating point, exit",
     )
     parser.add_argument(
+        "--fit-view-fusion",
+        action="store_true",
+        help="a model with zoom scales: choose each finding group's S300 view fusion (mean "
+        "or max of the views) on this split (use train) through the pipeline, write it to the "
+        "manifest's operating point, exit",
+    )
+    parser.add_argument(
         "--write-metrics",
         action="store_true",
         help="write the headline figures into the manifest's metrics",
@@ -706,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fit_support_power(args, records)
     if args.fit_zoom_scales:
         return _fit_zoom_scales(args, records)
+    if args.fit_view_fusion:
+        return _fit_view_fusion(args, records)
     if args.choose_operating_point:
         _choose_operating_point(args, records)
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
@@ -829,8 +863,9 @@ def _write_best_of(
     manifest: dict[str, Any],
     key: str,
     noun: str,
-    choices: Sequence[float],
-    fitted: dict[str, tuple[float, dict[float, float]]],
+    choices: Sequence[Any],
+    fitted: dict[str, tuple[Any, dict[Any, float]]],
+    ties: str = "the smaller",
 ) -> None:
     """Write a per-group choice among ``choices`` (``fitted``: group -> (chosen, AP50 by
     choice)) to the manifest's operating point as ``key``, with its rule as ``key_rule``."""
@@ -843,8 +878,7 @@ def _write_best_of(
     op[f"{key}_rule"] = (
         f"per group, on the {args.split} split through the pipeline (thresholds "
         f"{args.sweep_threshold}): the {noun} of {list(choices)} with the highest AP50, "
-        f"ties to the smaller; AP50 by {noun}: "
-        + "; ".join(f"{g} {v[1]}" for g, v in fitted.items())
+        f"ties to {ties}; AP50 by {noun}: " + "; ".join(f"{g} {v[1]}" for g, v in fitted.items())
     )
     _update_manifest(args.model_dir, operating_point=op)
 
@@ -871,6 +905,21 @@ def _fit_support_power(args: argparse.Namespace, records: Sequence[Record]) -> i
     _write_best_of(args, manifest, "support_power", "power", SUPPORT_POWERS, fitted)
     print(f"support power (power, AP50 by power): {fitted}")
     print("the thresholds were chosen for the former power: --choose-operating-point again")
+    return 0
+
+
+def _fit_view_fusion(args: argparse.Namespace, records: Sequence[Record]) -> int:
+    """Run the pipeline with each S300 view fusion of ``VIEW_FUSIONS`` (finding thresholds
+    at the sweep value) on ``records``, fit ``view_fusion`` per group and write it to the
+    manifest."""
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    if not manifest["operating_point"].get("zoom_scales"):
+        raise SystemExit(f"{args.model_dir}: no zoom scales, one view: nothing to fuse")
+    runs = {fusion: _sweep(args, records, view_fusion=fusion) for fusion in VIEW_FUSIONS}
+    fitted = fit_view_fusion(records, runs)
+    _write_best_of(args, manifest, "view_fusion", "fusion", VIEW_FUSIONS, fitted, "mean")
+    print(f"view fusion (fusion, AP50 by fusion): {fitted}")
+    print("the thresholds were chosen for the former fusion: --choose-operating-point again")
     return 0
 
 

@@ -22,7 +22,9 @@ BatchNorm statistics fixed. The probabilities change with it, so such a model ne
 operating point. Validation is then the sum of both losses over the validation split (the box
 loss over its abnormal images). ``--distill-spot W`` adds W × how far the spot channel has
 moved from the starting U-Net's (``spot_drift``), on training and validation images alike:
-the boxes and shadows learn while the spots stay as they were.
+the boxes and shadows learn while the spots stay as they were. ``--distill-peaks W`` adds W ×
+the drift over each image's spot peaks alone (``peak_drift``), which an average over the
+whole map lets fade.
 """
 
 from __future__ import annotations
@@ -214,18 +216,53 @@ def _augmented(
     return (image, target, weight, *box_targets(positive, boxes))
 
 
-def spot_drift(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """How far the spot channel's probabilities (logits in, N×C×H×W) have moved from the
-    teacher's: the Bernoulli KL divergence per pixel, averaged with weights that follow where
-    either is high (plus 0.01), so a spot's peak that fades or a new one on a normal image
-    counts, not only the background around it. Zero where they agree."""
+def _spot_kl(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spot channel's Bernoulli KL divergence per pixel (N×H×W) of the student from the
+    teacher (logits in, N×C×H×W), and where either is high: the larger probability
+    (no gradient)."""
     s, t = student[:, SPOT], teacher[:, SPOT].detach()
     pt = torch.sigmoid(t)
     kl = F.binary_cross_entropy_with_logits(s, pt, reduction="none") - (
         F.binary_cross_entropy_with_logits(t, pt, reduction="none")
     )
-    w = torch.maximum(pt, torch.sigmoid(s)).detach() + 0.01
+    return kl, torch.maximum(pt, torch.sigmoid(s)).detach()
+
+
+def spot_drift(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """How far the spot channel's probabilities (logits in, N×C×H×W) have moved from the
+    teacher's: the Bernoulli KL divergence per pixel, averaged with weights that follow where
+    either is high (plus 0.01), so a spot's peak that fades or a new one on a normal image
+    counts, not only the background around it. Zero where they agree."""
+    kl, high = _spot_kl(student, teacher)
+    w = high + 0.01
     return (w * kl).sum() / w.sum()
+
+
+def peak_drift(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The spot channel's drift over its peaks alone: per image, the mean KL divergence over
+    the pixels where either map reaches 0.5 (a peak that fades, or one that appears),
+    averaged over the images that have such pixels; 0 where none has. A peak of a few
+    hundred pixels counts as much as a whole image's background does in ``spot_drift``."""
+    kl, high = _spot_kl(student, teacher)
+    peak = (high >= 0.5).to(kl.dtype)
+    area = peak.sum(dim=(1, 2))
+    has = area > 0
+    if not bool(has.any()):
+        return (kl * peak).sum()  # zero, on the graph
+    return ((kl * peak).sum(dim=(1, 2))[has] / area[has]).mean()
+
+
+TEACHER_TERMS = {"spot_drift": spot_drift, "peak_drift": peak_drift}
+"""The terms that hold the joint run's U-Net near the one it started from, by the name of
+their weight in the run's record (``distill_spot``, ``distill_peaks``)."""
+DISTILL_KEYS = {"spot_drift": "distill_spot", "peak_drift": "distill_peaks"}
+
+
+def teacher_loss(
+    student: torch.Tensor, teacher: torch.Tensor, distill: dict[str, float]
+) -> dict[str, torch.Tensor]:
+    """Each teacher term with a weight in ``distill`` (term name -> weight), unweighted."""
+    return {name: TEACHER_TERMS[name](student, teacher) for name in distill}
 
 
 def train_step(
@@ -256,11 +293,12 @@ def joint_step(
     box_loss_weight: float,
     augment_batch: bool = True,
     teacher: UNet | None = None,
-    distill: float = 0.0,
+    distill: dict[str, float] | None = None,
 ) -> float:
     """One step of the U-Net and its head together: the U-Net's loss terms on its targets
     plus ``box_loss_weight`` × the head's IoU loss on the batch's boxes (none on normals),
-    plus ``distill`` × ``spot_drift`` from ``teacher`` (frozen) where one is given.
+    plus each term of ``distill`` (``TEACHER_TERMS`` name -> weight) from ``teacher``
+    (frozen) where one is given.
     The U-Net's BatchNorm layers keep their statistics (evaluation mode): a U-Net read back
     from ONNX has them folded into its convolutions, and batches of 8 are too small to
     estimate them again; their scale and shift learn with the rest."""
@@ -275,10 +313,11 @@ def joint_step(
     loss = sum(terms.values()) + box_loss_weight * iou_loss(
         log_pred, tgt.to(device), index.to(device)
     )
-    if teacher is not None and distill > 0:
+    if teacher is not None and distill:
         with torch.no_grad():
             taught = teacher(normalise(image.to(device)))
-        loss = loss + distill * spot_drift(logits, taught)
+        for name, term in teacher_loss(logits, taught, distill).items():
+            loss = loss + distill[name] * term
     assert isinstance(loss, torch.Tensor)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -293,34 +332,39 @@ def validate_joint(
     boxes: dict[str, Any],
     box_loss_weight: float,
     teacher: UNet | None = None,
-    distill: float = 0.0,
+    distill: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """The U-Net's validation (its loss terms over every validation image, ``unet_``) and the
-    head's (over the abnormal ones, ``box_``), with a teacher the spot channel's drift from it
-    over every validation image; ``loss`` is their sum as trained."""
+    head's (over the abnormal ones, ``box_``), with a teacher the terms of ``distill`` over
+    every validation image; ``loss`` is their weighted sum as trained."""
     unet = validate_unet(detector.net, arrays, 8)
     box = validate(detector, arrays, rows, boxes)
     out = {f"unet_{k}": v for k, v in unet.items()}
     out.update({f"box_{k}": v for k, v in box.items()})
     out["loss"] = unet["loss"] + box_loss_weight * box["loss"]
-    if teacher is not None:
-        out["spot_drift"] = drift_over(detector.net, teacher, arrays)
-        out["loss"] += distill * out["spot_drift"]
+    if teacher is not None and distill:
+        for name, value in drift_over(detector.net, teacher, arrays, distill).items():
+            out[name] = value
+            out["loss"] += distill[name] * value
     return out
 
 
 @torch.no_grad()
-def drift_over(net: UNet, teacher: UNet, arrays: dict[str, np.ndarray]) -> float:
-    """``spot_drift`` of ``net`` from ``teacher`` over all of ``arrays``' images, image-weighted."""
+def drift_over(
+    net: UNet, teacher: UNet, arrays: dict[str, np.ndarray], distill: dict[str, float]
+) -> dict[str, float]:
+    """The teacher terms of ``distill`` of ``net`` from ``teacher`` over all of ``arrays``'
+    images: batches of 8, each weighted by its number of images."""
     net.eval()
     teacher.eval()
     device = next(net.parameters()).device
-    n, total = len(arrays["images"]), 0.0
+    n, total = len(arrays["images"]), dict.fromkeys(distill, 0.0)
     for start in range(0, n, 8):
         image = torch.from_numpy(arrays["images"][start : start + 8]).float().unsqueeze(1) / 255.0
         x = normalise(image.to(device))
-        total += float(spot_drift(net(x), teacher(x))) * len(image)
-    return total / n
+        for name, term in teacher_loss(net(x), teacher(x), distill).items():
+            total[name] += float(term) * len(image)
+    return {name: value / n for name, value in total.items()}
 
 
 @torch.no_grad()
@@ -452,6 +496,13 @@ def main(argv: list[str] | None = None) -> int:
         help="weight of the spot channel's drift from the starting U-Net (--joint; 0: none)",
     )
     parser.add_argument(
+        "--distill-peaks",
+        type=float,
+        default=0.0,
+        help="weight of the spot channel's drift over its peaks from the starting U-Net's "
+        "(--joint; 0: none)",
+    )
+    parser.add_argument(
         "--write-checkpoint",
         type=Path,
         default=None,
@@ -503,15 +554,23 @@ def main(argv: list[str] | None = None) -> int:
         head_record["init"] = _name(args.init_head)
         if args.joint:  # the U-Net learns on: the manifest says from what, and how
             trunk = {"init": trunk, "trained_with_head": True, "trunk_lr": args.trunk_lr}
-            if args.distill_spot > 0:
-                trunk["distill_spot"] = args.distill_spot
+            for key, weight in (
+                ("distill_spot", args.distill_spot),
+                ("distill_peaks", args.distill_peaks),
+            ):
+                if weight > 0:
+                    trunk[key] = weight
     detector = Detector(net, widths, **head_shape({"head": head_record}))
     if resume is not None:
         detector.load_state_dict(resume["model"])
         trunk = resume["trunk"]
     elif args.init_head is not None:
         load_head(detector, args.init_head)
-    distill = float(trunk.get("distill_spot", 0.0)) if args.joint else 0.0
+    distill = {
+        name: float(trunk[key])
+        for name, key in DISTILL_KEYS.items()
+        if args.joint and trunk.get(key, 0.0) > 0
+    }
     teacher = starting_unet(net, trunk, args.trunk, resume is not None) if distill else None
     detector.to(device)
     if teacher is not None:

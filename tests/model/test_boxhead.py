@@ -144,6 +144,33 @@ def test_spot_drift_is_zero_where_the_spot_channel_agrees_and_grows_as_it_moves(
     assert 0 < float(spot_drift(faded, teacher)) < float(spot_drift(gone, teacher))
 
 
+def test_peak_drift_follows_the_spot_peaks_only() -> None:
+    """``peak_drift`` is the mean KL over the pixels where either map reaches 0.5: zero where
+    the peaks agree however the background moves, as large for a faded 10 × 10 peak as for a
+    whole faded image, and it counts a peak that appears; 0 with no peak anywhere."""
+    from models.training.train_boxes import peak_drift, spot_drift
+
+    teacher = torch.full((2, 3, SIZE, SIZE), -4.0)
+    teacher[0, 0, 10:20, 10:20] = 3.0  # one spot peak on the first image
+    moved = teacher.clone()
+    moved[:, 0][teacher[:, 0] < 0] = -2.0  # background 0.018 → 0.12, still below 0.5
+    moved[:, 1:] += 5.0
+    assert float(peak_drift(moved, teacher)) == pytest.approx(0.0, abs=1e-6)
+    assert float(spot_drift(moved, teacher)) > 0.01
+    faded = teacher.clone()
+    faded[0, 0, 10:20, 10:20] = 0.2
+    whole = torch.full_like(teacher, 3.0), torch.full_like(teacher, 0.2)
+    assert float(peak_drift(faded, teacher)) == pytest.approx(
+        float(peak_drift(whole[1], whole[0])), rel=1e-5
+    )
+    assert float(peak_drift(faded, teacher)) > 3 * float(spot_drift(faded, teacher))
+    appeared = teacher.clone()
+    appeared[1, 0, 30:34, 30:34] = 2.0  # a new peak on the second image
+    assert float(peak_drift(appeared, teacher)) > 0.5
+    blank = torch.full((2, 3, SIZE, SIZE), -4.0)
+    assert float(peak_drift(blank, blank)) == 0.0
+
+
 def test_a_joint_step_with_a_teacher_pulls_the_spot_channel_back_and_leaves_it_alone() -> None:
     from models.training.train_boxes import joint_step, spot_drift, starting_unet
 
@@ -172,7 +199,7 @@ def test_a_joint_step_with_a_teacher_pulls_the_spot_channel_back_and_leaves_it_a
                 1.0,
                 augment_batch=False,
                 teacher=teacher,
-                distill=weight,
+                distill={"spot_drift": weight},
             )
         with torch.no_grad():
             x = torch.rand(2, 1, SIZE, SIZE)
@@ -256,11 +283,13 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
         boxes_main([*other, "--run", "joint"])  # the joint run, without --joint
     # --distill-spot: recorded, validated, and resumed only from the U-Net it started from
     distill = [*other, "--init-head", str(compact), "--run", "distill", "--joint"]
-    distill += ["--distill-spot", "2"]
+    distill += ["--distill-spot", "2", "--distill-peaks", "3"]
     assert boxes_main([*distill, "--export-dir", str(tmp_path / "distill")]) == 0
     distilled = json.loads((tmp_path / "distill" / "manifest.json").read_text())
     assert distilled["training"]["unet"]["distill_spot"] == 2.0
+    assert distilled["training"]["unet"]["distill_peaks"] == 3.0
     assert distilled["metrics"]["joint_val_spot_drift"] >= 0
+    assert distilled["metrics"]["joint_val_peak_drift"] >= 0
     assert boxes_main(distill) == 0  # resumes against the same --trunk
     changed = tmp_path / "changed.onnx"
     changed.write_bytes(onnx_trunk.read_bytes() + b"\0")

@@ -292,3 +292,47 @@ def test_evaluate_fits_a_box_weight_and_scores_a_folder_through_the_pipeline(
         main(
             [str(data), "--model-dir", str(plain), "--out", str(tmp_path / "p"), "--fit-box-weight"]
         )
+
+
+def test_view_fusion_fit_picks_the_best_ap50_per_group_and_ties_to_mean() -> None:
+    """Per group, the S300 view fusion whose run ranks the hit above the false positive
+    wins; equal runs keep ``mean``."""
+    from models.training.evaluate import fit_view_fusion
+
+    records, run = _hit_and_miss()
+
+    fitted = fit_view_fusion(records, {"mean": run(0.5, 0.9), "max": run(0.9, 0.5)})
+    fusion, ap = fitted["shadow"]
+    assert ap["mean"] < ap["max"] == 1.0 and fusion == "max"
+    assert (
+        fit_view_fusion(records, {"max": run(0.9, 0.5), "mean": run(0.9, 0.5)})["shadow"][0]
+        == "mean"
+    )
+
+
+def test_evaluate_fits_view_fusion_into_the_manifest(tmp_path: Path) -> None:
+    """``--fit-view-fusion`` runs the pipeline with each fusion and writes the choice per
+    finding channel and its rule into the manifest; the pipeline loads it. A model without
+    zoom scales has one view: the command refuses."""
+    from models.training.evaluate import main
+    from pipeline.model import VIEW_FUSIONS, load_model
+    from tests.model.folders import folder_with_normals
+    from tests.pipeline.tiny_model import build_tiny_model
+
+    data = folder_with_normals(tmp_path / "data")
+    model = build_tiny_model(tmp_path / "model", size=64)
+    common = [str(data), "--split", "all", "--model-dir", str(model), "--out", str(tmp_path / "e")]
+    with pytest.raises(SystemExit, match="no zoom scales"):
+        main([*common, "--fit-view-fusion"])
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["operating_point"]["zoom_scales"] = [1.2]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    assert main([*common, "--fit-view-fusion"]) == 0
+    op = json.loads((model / "manifest.json").read_text())["operating_point"]
+    assert set(op["view_fusion"]) == {
+        c["name"] for c in manifest["channels"] if c["kind"] == "finding"
+    }
+    assert set(op["view_fusion"].values()) <= set(VIEW_FUSIONS)
+    assert "AP50 by fusion" in op["view_fusion_rule"] and "ties to mean" in op["view_fusion_rule"]
+    loaded = {c.name: c.view_fusion for c in load_model(model).manifest.finding_channels}
+    assert loaded == op["view_fusion"]

@@ -161,3 +161,65 @@ def test_s300_a_zoomed_out_views_outputs_cover_the_whole_grid(tmp_path: Path) ->
     back, _ = back_to_working(view_p[0], None, zoom_window(pre, 0.75))
     assert np.allclose(probabilities, (base_p[0] + back) / 2.0, atol=1e-5)
     assert distances is not None and np.allclose(distances, (3.0 + 4.0) / 2.0, atol=1e-3)
+
+
+def _with_fusion(folder: Path, fusion: object) -> Path:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    names = [c["name"] for c in manifest["channels"] if c["kind"] == "finding"]
+    manifest["operating_point"]["view_fusion"] = dict.fromkeys(names, fusion)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_s300_a_channel_fused_by_max_takes_the_strongest_view(tmp_path: Path) -> None:
+    """With ``view_fusion`` ``max`` for the finding channels and scales 0.75 and 1.25, each
+    working pixel of those channels is the highest of the three views (the zoomed-in one
+    blended into the whole image's over its edge ramp, so outside its window it plays no
+    part); the other channels and the box distances are still averaged."""
+    model_dir = build_tiny_model(tmp_path, size=64, box_px=(3.0, 3.0, 3.0, 3.0))
+    model = load_model(_with_fusion(_with_zoom(model_dir, [0.75, 1.25]), "max"))
+    fused = [c.index for c in model.manifest.channels if c.view_fusion == "max"]
+    averaged = [c.index for c in model.manifest.channels if c.view_fusion == "mean"]
+    assert fused and averaged  # the finding channels by max, the lung channel by mean
+    rng = np.random.default_rng(4)
+    full = np.clip(0.5 + 0.2 * rng.standard_normal((256, 256)), 0, 1)
+    full[100:140, 110:150] = 0.95
+    pre = _pre(full, 64)
+    probabilities, distances = traverse(pre, model)
+
+    base, _ = model.predict_with_boxes(pre.working[None])
+    views = []
+    for scale in (0.75, 1.25):
+        w = zoom_window(pre, scale)
+        p, _ = model.predict_with_boxes(view_image(pre, w)[None])
+        back, _ = back_to_working(p[0], None, w)
+        if w.inward:  # only well inside the window, past the ramp, is the view itself
+            r = EDGE_RAMP_PX
+            placed = base[0].copy()
+            rows = slice(w.top + r, w.top + w.height - r)
+            cols = slice(w.left + r, w.left + w.width - r)
+            placed[:, rows, cols] = back[:, r:-r, r:-r]
+            inner = np.zeros((64, 64), dtype=bool)
+            inner[rows, cols] = True
+            outside = np.ones((64, 64), dtype=bool)
+            outside[w.top : w.top + w.height, w.left : w.left + w.width] = False
+            back = placed
+        views.append(back)
+    strongest = np.maximum(base[0], np.maximum(views[0], views[1]))
+    assert np.allclose(probabilities[fused][:, inner], strongest[fused][:, inner], atol=1e-6)
+    out_max = np.maximum(base[0], views[0])
+    assert np.allclose(probabilities[fused][:, outside], out_max[fused][:, outside], atol=1e-6)
+    assert (probabilities[fused] >= base[0][fused] - 1e-6).all()
+    assert not np.allclose(probabilities[fused], (base[0][fused] + views[0][fused]) / 2.0)
+    mean_model = load_model(_with_fusion(model_dir, "mean"))
+    mean_p, mean_d = traverse(pre, mean_model)
+    assert np.allclose(probabilities[averaged], mean_p[averaged], atol=1e-6)
+    assert distances is not None and mean_d is not None and np.array_equal(distances, mean_d)
+
+
+@pytest.mark.parametrize("bad", ["median", 1, None])
+def test_view_fusion_is_checked_at_load(tmp_path: Path, bad: object) -> None:
+    """``operating_point.view_fusion`` per channel must be ``mean`` or ``max``."""
+    folder = _with_fusion(build_tiny_model(tmp_path, size=64), bad)
+    with pytest.raises(ModelError, match="view_fusion"):
+        load_model(folder)
