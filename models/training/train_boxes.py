@@ -252,17 +252,19 @@ def peak_drift(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return ((kl * peak).sum(dim=(1, 2))[has] / area[has]).mean()
 
 
-TEACHER_TERMS = {"spot_drift": spot_drift, "peak_drift": peak_drift}
-"""The terms that hold the joint run's U-Net near the one it started from, by the name of
-their weight in the run's record (``distill_spot``, ``distill_peaks``)."""
-DISTILL_KEYS = {"spot_drift": "distill_spot", "peak_drift": "distill_peaks"}
+TEACHER_TERMS = {
+    "spot_drift": (spot_drift, "distill_spot"),
+    "peak_drift": (peak_drift, "distill_peaks"),
+}
+"""The terms that hold the joint run's U-Net near the one it started from (metric name ->
+the term, and the key of its weight in the run's record)."""
 
 
 def teacher_loss(
     student: torch.Tensor, teacher: torch.Tensor, distill: dict[str, float]
 ) -> dict[str, torch.Tensor]:
     """Each teacher term with a weight in ``distill`` (term name -> weight), unweighted."""
-    return {name: TEACHER_TERMS[name](student, teacher) for name in distill}
+    return {name: TEACHER_TERMS[name][0](student, teacher) for name in distill}
 
 
 def train_step(
@@ -568,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         load_head(detector, args.init_head)
     distill = {
         name: float(trunk[key])
-        for name, key in DISTILL_KEYS.items()
+        for name, (_, key) in TEACHER_TERMS.items()
         if args.joint and trunk.get(key, 0.0) > 0
     }
     teacher = starting_unet(net, trunk, args.trunk, resume is not None) if distill else None
