@@ -153,7 +153,7 @@ def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatAr
         return probabilities[0], None if distances is None else distances[0]
     strongest = [c.index for c in model.manifest.channels if c.view_fusion == "max"]
     whole = probabilities[0][strongest]
-    p_max = whole.astype(np.float32, copy=True)
+    p_max = whole.copy()
     p_sum = probabilities[0].astype(np.float32, copy=True)
     d_sum = None if distances is None else distances[0].astype(np.float32, copy=True)
     weight = np.ones(pre.working_shape, dtype=np.float32)

@@ -556,12 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         head_record["init"] = _name(args.init_head)
         if args.joint:  # the U-Net learns on: the manifest says from what, and how
             trunk = {"init": trunk, "trained_with_head": True, "trunk_lr": args.trunk_lr}
-            for key, weight in (
-                ("distill_spot", args.distill_spot),
-                ("distill_peaks", args.distill_peaks),
-            ):
-                if weight > 0:
-                    trunk[key] = weight
+            for _, key in TEACHER_TERMS.values():  # --distill-spot, --distill-peaks
+                if getattr(args, key) > 0:
+                    trunk[key] = getattr(args, key)
     detector = Detector(net, widths, **head_shape({"head": head_record}))
     if resume is not None:
         detector.load_state_dict(resume["model"])
