@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 from models.training import metrics as M
 from models.training.dataset import Record, load_grey, read_records, split_by_patient
+from models.training.ensemble import reweight
 from models.training.preprocess import prepare
 from pipeline.model import VIEW_FUSIONS
 
@@ -187,13 +188,15 @@ def _model_dir_with_thresholds(
     support_power: float | None = None,
     zoom_scales: Sequence[float] | None = None,
     view_fusion: str | None = None,
+    ensemble_weights: EnsembleChoice | None = None,
 ) -> Path:
     """A copy of the model folder whose manifest has every finding threshold set to value
     (with ``extent_scale=False``, no fitted extent: the regions as found; with
     ``box_weight``, that weight of the box head for every finding channel; with
     ``support_power``, that power of the support for every finding channel; with
     ``zoom_scales``, those S300 zoom scales; with ``view_fusion``, that S300 view fusion
-    for every finding channel)."""
+    for every finding channel; with ``ensemble_weights``, an ensemble's graph with those
+    weights, ``models.training.ensemble.reweight``)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     for name in manifest["operating_point"]["thresholds"]:
         manifest["operating_point"]["thresholds"][name] = value
@@ -217,6 +220,8 @@ def _model_dir_with_thresholds(
         if file is not None:
             shutil.copy(model_dir / file, tmp / file)
     (tmp / "manifest.json").write_text(json.dumps(manifest))
+    if ensemble_weights is not None:
+        reweight(tmp, dict(ensemble_weights))
     return tmp
 
 
@@ -605,6 +610,32 @@ def fit_view_fusion(
     return fit_per_group(records, {f: runs[f] for f in VIEW_FUSIONS})
 
 
+def ap50_by_choice(
+    records: Sequence[Record], runs: dict[Any, Sequence[Analysed]]
+) -> dict[str, dict[str, float]]:
+    """Each run's AP50 per finding group on ``records``, keyed by ``choice_key``."""
+    return {
+        choice_key(choice): {
+            g: round(M.average_precision(_dets(run, g), _truth(records, g), 0.5), 4) for g in GROUPS
+        }
+        for choice, run in runs.items()
+    }
+
+
+def choice_key(choice: Any) -> str:
+    """How a fit's choice is named in its AP50 record (a list of scales; ensemble weights
+    as ``spot 1/0, shadow 0.5/0.5, boxes 1/0``)."""
+    if isinstance(choice, tuple) and choice and isinstance(choice[0], tuple):
+        return ", ".join(f"{name} {'/'.join(f'{w:g}' for w in ws)}" for name, ws in choice)
+    return str(list(choice))
+
+
+def mean_ap50(row: dict[str, float]) -> float:
+    """AP50 averaged over the finding groups, groups without lesions (NaN) left out."""
+    values = [v for v in row.values() if not math.isnan(v)]
+    return sum(values) / len(values) if values else 0.0
+
+
 def fit_zoom_scales(
     records: Sequence[Record], runs: dict[tuple[float, ...], Sequence[Analysed]]
 ) -> tuple[tuple[float, ...], dict[str, dict[str, float]]]:
@@ -612,18 +643,32 @@ def fit_zoom_scales(
     the highest AP50 averaged over the finding groups with lesions in ``records``, ties to
     fewer scales, and every run's AP50 per group. One choice for all channels: the scales
     decide the model runs, which serve every channel at once."""
-    ap = {
-        str(list(scales)): {
-            g: round(M.average_precision(_dets(run, g), _truth(records, g), 0.5), 4) for g in GROUPS
-        }
-        for scales, run in runs.items()
-    }
+    ap = ap50_by_choice(records, runs)
+    return max(runs, key=lambda s: (mean_ap50(ap[choice_key(s)]), -len(s))), ap
 
-    def mean(scales: tuple[float, ...]) -> float:  # groups without lesions (NaN) left out
-        values = [v for v in ap[str(list(scales))].values() if not math.isnan(v)]
-        return sum(values) / len(values) if values else 0.0
 
-    return max(runs, key=lambda s: (mean(s), -len(s))), ap
+EnsembleChoice = tuple[tuple[str, tuple[float, ...]], ...]
+ENSEMBLE_CHOICES: tuple[EnsembleChoice, ...] = (
+    (("spot", (1.0, 0.0)), ("shadow", (1.0, 0.0)), ("boxes", (1.0, 0.0))),
+    (("spot", (1.0, 0.0)), ("shadow", (0.5, 0.5)), ("boxes", (1.0, 0.0))),
+    (("spot", (1.0, 0.0)), ("shadow", (0.5, 0.5)), ("boxes", (0.5, 0.5))),
+    (("spot", (0.5, 0.5)), ("shadow", (0.5, 0.5)), ("boxes", (0.5, 0.5))),
+)
+"""Weights of a two-member ensemble (``models.training.ensemble``) tried by
+``--fit-ensemble-weights``, from the first member alone to both members alike everywhere
+(the lung channel keeps its weights)."""
+
+
+def fit_ensemble_weights(
+    records: Sequence[Record], runs: dict[EnsembleChoice, Sequence[Analysed]]
+) -> tuple[EnsembleChoice, dict[str, dict[str, float]]]:
+    """The ensemble weights whose run reaches the highest AP50 averaged over the finding
+    groups on ``records``, ties to the earlier choice in ``runs`` (less of the second
+    member), and every run's AP50 per group. One choice for all groups: the box weights
+    serve every channel at once."""
+    ap = ap50_by_choice(records, runs)
+    order = list(runs)
+    return max(order, key=lambda c: (mean_ap50(ap[choice_key(c)]), -order.index(c))), ap
 
 
 def _update_manifest(model_dir: Path, **sections: Any) -> None:
@@ -719,6 +764,13 @@ def main(argv: list[str] | None = None) -> int:
         "manifest's operating point, exit",
     )
     parser.add_argument(
+        "--fit-ensemble-weights",
+        action="store_true",
+        help="a two-member ensemble (models.training.ensemble): choose its weights of "
+        "ENSEMBLE_CHOICES on this split (use train) through the pipeline, write them into "
+        "its graph and manifest, exit",
+    )
+    parser.add_argument(
         "--write-metrics",
         action="store_true",
         help="write the headline figures into the manifest's metrics",
@@ -740,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fit_zoom_scales(args, records)
     if args.fit_view_fusion:
         return _fit_view_fusion(args, records)
+    if args.fit_ensemble_weights:
+        return _fit_ensemble_weights(args, records)
     if args.choose_operating_point:
         _choose_operating_point(args, records)
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
@@ -939,6 +993,29 @@ def _fit_zoom_scales(args: argparse.Namespace, records: Sequence[Record]) -> int
     _update_manifest(args.model_dir, operating_point=op)
     print(f"zoom scales {list(best)} (AP50 by scales: {ap})")
     print("the thresholds were chosen for the former scales: --choose-operating-point again")
+    return 0
+
+
+def _fit_ensemble_weights(args: argparse.Namespace, records: Sequence[Record]) -> int:
+    """Run the pipeline with each choice of ``ENSEMBLE_CHOICES`` (finding thresholds at the
+    sweep value) on ``records``, choose the ensemble's weights and write them into its
+    graph and manifest."""
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    if len(manifest.get("ensemble", {}).get("members", ())) != 2:
+        raise SystemExit(f"{args.model_dir}: not an ensemble of two members")
+    runs = {c: _sweep(args, records, ensemble_weights=c) for c in ENSEMBLE_CHOICES}
+    best, ap = fit_ensemble_weights(records, runs)
+    reweight(args.model_dir, dict(best))
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    manifest["ensemble"]["weights_rule"] = (
+        f"on the {args.split} split through the pipeline (thresholds {args.sweep_threshold}): "
+        f"the weights of [{'; '.join(choice_key(c) for c in ENSEMBLE_CHOICES)}] with the "
+        f"highest AP50 averaged over the finding groups, ties to the earlier; AP50 by "
+        f"weights: {ap}"
+    )
+    _update_manifest(args.model_dir, ensemble=manifest["ensemble"])
+    print(f"ensemble weights {choice_key(best)} (AP50 by weights: {ap})")
+    print("the thresholds were chosen for the former weights: --choose-operating-point again")
     return 0
 
 

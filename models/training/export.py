@@ -152,7 +152,9 @@ def write_manifest(
 
 
 def unet_from_onnx(path: Path) -> UNet:
-    """The U-Net of an exported ONNX file, back in PyTorch, float32 as shipped.
+    """The U-Net of an exported ONNX file, back in PyTorch, float32 as shipped: the U-Net
+    file, a file with the box head too (the head left out), or an ensemble
+    (``models.training.ensemble``: its first member's U-Net).
 
     The exporter folds each BatchNorm into the convolution before it, so each such pair
     comes back as the folded convolution and an identity BatchNorm (mean 0, variance 1 − ε,
@@ -164,9 +166,14 @@ def unet_from_onnx(path: Path) -> UNet:
 
     graph = onnx.load(str(path)).graph
     init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    stems = [n.name for n in graph.node if n.op_type == "Conv" and n.name.endswith("/stem.0/Conv")]
+    if not stems:
+        raise ValueError(f"{path}: no U-Net in the graph (no stem convolution)")
+    scope = stems[0][: stems[0].index("stem/")]  # "/net/", "/detector/", "m0//detector/"
     convs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for node in graph.node:
-        if node.op_type == "Conv" and node.name.startswith("/net/"):
+        inside = node.name.startswith(scope) and not node.name.startswith(f"{scope}boxes/")
+        if node.op_type == "Conv" and inside:
             module = node.name.split("/")[-2]
             bias = init[node.input[2]] if len(node.input) > 2 else None
             convs[module] = (init[node.input[1]], bias)

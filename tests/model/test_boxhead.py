@@ -305,8 +305,39 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
     assert plain.predict_with_boxes(image)[1] is None
     wide_probabilities, _ = load_model(wide_dir, threads=1).predict_with_boxes(image)
     np.testing.assert_allclose(wide_probabilities, plain.predict(image), atol=1e-5)
-    joint_probabilities, _ = load_model(joint_dir, threads=1).predict_with_boxes(image)
+    joint_probabilities, joint_boxes = load_model(joint_dir, threads=1).predict_with_boxes(image)
     assert np.abs(joint_probabilities - plain.predict(image)).max() > 0  # the U-Net learned
+
+    # an ensemble of the head's model and the joint one (models.training.ensemble): the
+    # pipeline loads the one file; each member comes back out of it unchanged, and its U-Net
+    # as a --trunk is the first member's
+    from models.training.ensemble import ENSEMBLE_FILE, extract
+    from models.training.ensemble import main as ensemble_main
+    from models.training.export import unet_from_onnx
+
+    ens = tmp_path / "ens"
+    weights = ["spot=1,0", "shadow=0.5,0.5", "lung=1,0", "boxes=0.5,0.5"]
+    members = ["--member", str(box_dir), "--member", str(joint_dir)]
+    assert (
+        ensemble_main(
+            [*members, "--out", str(ens), "--version", "2.0.0"]
+            + [x for w in weights for x in ("--weight", w)]
+        )
+        == 0
+    )
+    mixed, _ = load_model(ens, threads=1).predict_with_boxes(image)
+    np.testing.assert_allclose(mixed[:, 0], probabilities[:, 0], atol=1e-6)
+    np.testing.assert_allclose(
+        mixed[:, 1], (probabilities[:, 1] + joint_probabilities[:, 1]) / 2, atol=1e-6
+    )
+    extract(ens, 1, tmp_path / "member1")
+    back_probabilities, back_boxes = load_model(tmp_path / "member1").predict_with_boxes(image)
+    np.testing.assert_array_equal(back_probabilities, joint_probabilities)
+    assert back_boxes is not None and joint_boxes is not None
+    np.testing.assert_array_equal(back_boxes, joint_boxes)
+    first = unet_from_onnx(box_dir / manifest["box_output"]["file"]).state_dict()
+    from_ensemble = unet_from_onnx(ens / ENSEMBLE_FILE).state_dict()
+    assert all(torch.equal(first[k], from_ensemble[k]) for k in first)
 
 
 def test_a_unet_comes_back_from_its_onnx_file_as_shipped(tmp_path: Path) -> None:
