@@ -65,6 +65,9 @@ def _sha256(path: Path) -> str:
 
 
 def read_member(folder: Path) -> Member:
+    """A model folder as a member: it has a box head and its file matches its digest."""
+    if not (folder / "manifest.json").is_file():
+        raise EnsembleError(f"{folder}: no manifest.json (not a model folder)")
     manifest = json.loads((folder / "manifest.json").read_text())
     box = manifest.get("box_output")
     if box is None:
@@ -90,25 +93,34 @@ def check_compatible(members: Sequence[Member]) -> None:
 def parse_weights(
     specs: Sequence[str], names: Sequence[str], members: int
 ) -> dict[str, list[float]]:
-    """``name=w1,w2,...`` for every channel name and ``boxes``; each set sums to 1."""
+    """``name=w1,w2,...`` for every channel name and ``boxes`` (``checked_weights``)."""
     weights: dict[str, list[float]] = {}
     for spec in specs:
         name, _, values = spec.partition("=")
         try:
-            ws = [float(v) for v in values.split(",")]
+            weights[name] = [float(v) for v in values.split(",")]
         except ValueError as exc:
             raise EnsembleError(f"--weight {spec}: not a list of numbers") from exc
+    return checked_weights(weights, names, members)
+
+
+def checked_weights(
+    weights: dict[str, Sequence[float]], names: Sequence[str], members: int
+) -> dict[str, list[float]]:
+    """The weights of every channel name and ``boxes``, one per member, none negative,
+    each set summing to 1; else ``EnsembleError``."""
+    for name, ws in weights.items():
         if name not in (*names, BOXES):
-            raise EnsembleError(f"--weight {spec}: unknown output '{name}'")
+            raise EnsembleError(f"weights for an unknown output '{name}'")
         if len(ws) != members or any(w < 0 for w in ws) or abs(sum(ws) - 1.0) > 1e-6:
             raise EnsembleError(
-                f"--weight {spec}: needs {members} weights, none negative, summing to 1"
+                f"weights of {name} {list(ws)}: needs {members} weights, none negative, "
+                f"summing to 1"
             )
-        weights[name] = ws
     missing = [n for n in (*names, BOXES) if n not in weights]
     if missing:
-        raise EnsembleError(f"no --weight for {', '.join(missing)}")
-    return weights
+        raise EnsembleError(f"no weights for {', '.join(missing)}")
+    return {n: [float(w) for w in weights[n]] for n in (*names, BOXES)}
 
 
 def build_graph(
@@ -262,10 +274,7 @@ def reweight(model_dir: Path, changes: dict[str, Sequence[float]]) -> None:
         raise EnsembleError(f"{model_dir}: not an ensemble (no 'ensemble' in its manifest)")
     members = len(manifest["ensemble"]["members"])
     channels = [c["name"] for c in manifest["channels"]]
-    merged = {**manifest["ensemble"]["weights"], **{k: list(v) for k, v in changes.items()}}
-    weights = parse_weights(
-        [f"{k}={','.join(map(str, v))}" for k, v in merged.items()], channels, members
-    )
+    weights = checked_weights({**manifest["ensemble"]["weights"], **changes}, channels, members)
     file = model_dir / manifest["file"]
     model = onnx.load(str(file))
     tensors = _weight_tensors(weights, channels, members, manifest)

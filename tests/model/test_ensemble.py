@@ -106,9 +106,9 @@ def test_reweight_changes_the_graph_its_digest_and_the_record(tmp_path: Path) ->
     ("weights", "message"),
     [
         (["spot=1,0", "shadow=0.5,0.5", "lung=1,0", "boxes=0.6,0.6"], "summing to 1"),
-        (["spot=1,0", "shadow=0.5,0.5", "lung=1,0"], "no --weight for boxes"),
+        (["spot=1,0", "shadow=0.5,0.5", "lung=1,0"], "no weights for boxes"),
         (["spot=1,0", "shadow=1", "lung=1,0", "boxes=1,0"], "needs 2 weights"),
-        (["spot=1,0", "shade=1,0", "lung=1,0", "boxes=1,0"], "unknown output"),
+        (["spot=1,0", "shade=1,0", "lung=1,0", "boxes=1,0"], "unknown output 'shade'"),
         (["spot=a,b", "shadow=1,0", "lung=1,0", "boxes=1,0"], "not a list of numbers"),
     ],
 )
@@ -143,6 +143,8 @@ def test_the_command_refuses_members_it_cannot_combine(
         assert message in capsys.readouterr().err
     assert main(["--member", str(a), *common]) == 2
     assert "at least two" in capsys.readouterr().err
+    assert main(["--member", str(a), "--member", str(tmp_path / "nothing"), *common]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
 
 
 def test_ensemble_weight_fit_picks_the_best_mean_ap50_and_ties_to_the_earlier() -> None:
