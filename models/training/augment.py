@@ -1,8 +1,9 @@
 """Batch augmentation for radiographs, on torch tensors (CPU-friendly, seeded).
 
-Geometry (image and targets together): rotation ±8°, isotropic scale 0.85–1.2, anisotropic
-stretch ±8 %, shift ±6 %; no left–right flip (the heart and the aortic knob are on the
-patient's left; a flipped chest is not a chest we will be shown). Intensity (image only):
+Geometry (image and targets together): rotation ±8°, isotropic scale 0.85–1.2 (``SCALE``;
+``train --scale-range`` sets another), anisotropic stretch ±8 %, shift ±6 %; no left–right
+flip (the heart and the aortic knob are on the patient's left; a flipped chest is not a chest
+we will be shown). Intensity (image only):
 gamma 0.6–1.6, contrast/brightness, Gaussian blur or unsharp, Gaussian noise, random black
 or white borders (collimation) and burned-in text-like marks. All of these are applied to
 every source alike, so the look of a source (TBX11K is clean, NIH has markers) is no cue.
@@ -15,16 +16,21 @@ import math
 import torch
 from torch.nn import functional as F
 
+SCALE = (0.85, 1.2)
+"""The isotropic scale range of the geometry (``train --scale-range`` sets another)."""
 
-def random_affine(n: int, g: torch.Generator) -> torch.Tensor:
+
+def random_affine(
+    n: int, g: torch.Generator, scale_range: tuple[float, float] = SCALE
+) -> torch.Tensor:
     """One random affine per sample, as ``F.affine_grid``'s theta (output → input, in
-    normalised coordinates)."""
+    normalised coordinates); the isotropic scale uniform in ``scale_range``."""
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=g)
 
     angle = u(-8, 8) * math.pi / 180
-    scale = u(0.85, 1.2)
+    scale = u(*scale_range)
     stretch = u(-0.08, 0.08)
     sx, sy = scale * (1 + stretch), scale * (1 - stretch)
     tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
@@ -41,11 +47,12 @@ def geometry(
     weight: torch.Tensor,
     g: torch.Generator,
     theta: torch.Tensor | None = None,
+    scale_range: tuple[float, float] = SCALE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Apply one random affine per sample (``theta``, or drawn from ``g``) to image, targets
-    and weights."""
+    """Apply one random affine per sample (``theta``, or drawn from ``g`` with its scale in
+    ``scale_range``) to image, targets and weights."""
     if theta is None:
-        theta = random_affine(image.shape[0], g)
+        theta = random_affine(image.shape[0], g, scale_range)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     target = F.grid_sample(target, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -72,13 +72,15 @@ def train_step(
     batch: dict[str, torch.Tensor],
     g: torch.Generator,
     augment_batch: bool = True,
+    scale_range: tuple[float, float] = augment.SCALE,
 ) -> float:
-    """One optimisation step on a uint8 batch (images N×H×W, targets, weights, has_lung)."""
+    """One optimisation step on a uint8 batch (images N×H×W, targets, weights, has_lung),
+    augmented with the isotropic scale drawn from ``scale_range``."""
     image = batch["images"].float().unsqueeze(1) / 255.0
     target = batch["targets"].float() / 255.0
     weight = batch["weights"].float() / 255.0
     if augment_batch:
-        image, target, weight = augment.geometry(image, target, weight, g)
+        image, target, weight = augment.geometry(image, target, weight, g, scale_range=scale_range)
         image = augment.intensity(image, g)
     device = next(net.parameters()).device
     image, target, weight = image.to(device), target.to(device), weight.to(device)
@@ -194,6 +196,17 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _scale_range(text: str) -> tuple[float, float]:
+    """``LO,HI`` (also as a checkpoint records it, ``(LO, HI)``), 0 < LO <= HI."""
+    try:
+        lo, hi = (float(v) for v in text.strip("() ").split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"scale range must be LO,HI: {text}") from exc
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"scale range must have 0 < LO <= HI: {text}")
+    return lo, hi
+
+
 def _checkpoint_widths(ckpt: dict[str, Any] | None) -> tuple[int, ...] | None:
     """The widths a checkpoint was trained with (those before --widths existed: WIDTHS)."""
     if ckpt is None:
@@ -220,6 +233,7 @@ def run_record(best: dict[str, Any]) -> dict[str, Any]:
         "seed": int(run_args["seed"]),
         "batch": int(run_args["batch"]),
         "lr": float(run_args["lr"]),
+        "scale_range": list(_scale_range(run_args.get("scale_range", "0.85,1.2"))),
     }
 
 
@@ -300,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="U-Net channel widths per level, e.g. 24,48,96,160,256 (default "
         f"{','.join(map(str, WIDTHS))}; a resumed or --init run keeps its checkpoint's)",
+    )
+    parser.add_argument(
+        "--scale-range",
+        type=_scale_range,
+        default=augment.SCALE,
+        metavar="LO,HI",
+        help="the augmentation's isotropic scale range (default 0.85,1.2; a resumed run "
+        "takes the command's)",
     )
     parser.add_argument(
         "--export-best",
@@ -437,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         optimiser=optimiser,
         lr=lambda st: _lr(args.lr, st["step"], st["elapsed_s"], budget, st.get("lr_ramp")),
-        step=lambda idx, g: train_step(net, optimiser, _batch(train, idx), g),
+        step=lambda idx, g: train_step(
+            net, optimiser, _batch(train, idx), g, scale_range=args.scale_range
+        ),
         validate=lambda: validate(net, val, args.batch),
         after_epoch=after_epoch,
     )

@@ -49,6 +49,23 @@ def test_one_training_step_changes_the_weights_and_the_loss_is_finite() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
 
 
+def test_the_scale_range_bounds_the_augmentation_geometry() -> None:
+    """``random_affine`` draws its isotropic scale from the range it is given: the area
+    factor of each affine (1 / det of its linear part = sx·sy = scale²·(1 − stretch²), stretch
+    within ±8 %) lies within the range's bounds; the default is ``SCALE``."""
+    from models.training import augment
+
+    g = torch.Generator().manual_seed(0)
+    for lo, hi in [(0.85, 1.2), (1.4, 1.5), (0.6, 0.7)]:
+        theta = augment.random_affine(256, g, (lo, hi))
+        area = 1.0 / torch.linalg.det(theta[:, :, :2])
+        assert float(area.min()) >= lo**2 * (1 - 0.08**2) - 1e-5
+        assert float(area.max()) <= hi**2 + 1e-5
+    wide = 1.0 / torch.linalg.det(augment.random_affine(256, g, (1.4, 1.5))[:, :, :2])
+    default = 1.0 / torch.linalg.det(augment.random_affine(256, g)[:, :, :2])
+    assert float(default.max()) <= 1.2**2 + 1e-5 < float(wide.min())
+
+
 def test_export_matches_pytorch_and_manifest_describes_the_file(tmp_path: Path) -> None:
     """The exported graph agrees with PyTorch and the manifest names its sha256 and shape."""
     import onnx
@@ -121,13 +138,18 @@ def test_widths_travel_through_checkpoints_and_fresh_schedule_restarts(tmp_path:
     run = [*common, "--pack", str(pack), "--device", "cpu", "--batch", "2", "--threads", "1"]
     run += [*runs, "--minutes", "0.01"]
     widths = "6,12,18"
-    assert main([*run, "--widths", widths]) == 0  # no --model-dir: the run's own export folder
+    with pytest.raises(SystemExit):
+        main([*run, "--scale-range", "1.5,0.7"])
+    # no --model-dir: the run's own export folder
+    assert main([*run, "--widths", widths, "--scale-range", "0.7,1.5"]) == 0
     exported = tmp_path / "runs" / "main" / "export"
     assert (
         sha256_of(exported / FILE) == json.loads((exported / "manifest.json").read_text())["sha256"]
     )
     best = torch.load(tmp_path / "runs" / "main" / "best.pt", weights_only=False)
     assert best["widths"] == [6, 12, 18] and best["data"]["counts"]["train"] > 0
+    record = json.loads((exported / "manifest.json").read_text())["training"]
+    assert record["scale_range"] == [0.7, 1.5]
 
     compact = tmp_path / "compact.pt"
     assert main([*runs, "--write-checkpoint", str(compact)]) == 0
@@ -140,6 +162,7 @@ def test_widths_travel_through_checkpoints_and_fresh_schedule_restarts(tmp_path:
     assert main([*runs, "--run", "ft", "--export-best", "--model-dir", str(tmp_path / "m3")]) == 0
     manifest = json.loads((tmp_path / "m3" / "manifest.json").read_text())
     assert manifest["training"]["widths"] == [6, 12, 18]
+    assert manifest["training"]["scale_range"] == [0.85, 1.2]  # the default
     assert manifest["training"]["initialised_from"]["from"] == str(compact)
     assert manifest["sha256"] == sha256_of(tmp_path / "m3" / FILE)
 
