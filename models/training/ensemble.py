@@ -140,7 +140,7 @@ def build_graph(
     initializers: list[Any] = []
     value_info: list[Any] = []
     opsets: dict[str, int] = {}
-    template = None
+    template = None  # the first member's model: its input, outputs and IR version
     for k, member in enumerate(members):
         model = onnx.load(str(member.folder / member.file))
         for op in model.opset_import:
@@ -155,7 +155,7 @@ def build_graph(
         initializers.extend(graph.initializer)
         value_info.extend(graph.value_info)
         if template is None:
-            template = model.graph
+            template = model
     assert template is not None
 
     def mix(output: str, per_member: list[Any]) -> None:
@@ -170,11 +170,11 @@ def build_graph(
     tensors = _weight_tensors(weights, channels, len(members), first)
     mix(prob_name, [tensors[f"ensemble/{prob_name}/w{k}"] for k in range(len(members))])
     mix(box_name, [tensors[f"ensemble/{box_name}/w{k}"] for k in range(len(members))])
-    outputs = {o.name: o for o in template.output}
+    outputs = {o.name: o for o in template.graph.output}
     graph = helper.make_graph(
         nodes,
         "shadowspot-ensemble",
-        [template.input[0]],
+        [template.graph.input[0]],
         [outputs[prob_name], outputs[box_name]],
         initializer=initializers,
         value_info=value_info,
@@ -184,7 +184,7 @@ def build_graph(
         opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
         producer_name="shadowspot models.training.ensemble",
     )
-    model.ir_version = onnx.load(str(members[0].folder / members[0].file)).ir_version
+    model.ir_version = template.ir_version
     onnx.checker.check_model(model)
     return model
 
