@@ -3,9 +3,9 @@
 Geometry (image and targets together): rotation ±8°, isotropic scale 0.85–1.2 (``SCALE``;
 ``train --scale-range`` sets another), anisotropic stretch ±8 %, shift ±6 %; no left–right
 flip (the heart and the aortic knob are on the patient's left; a flipped chest is not a chest
-we will be shown). Intensity (image only):
-gamma 0.6–1.6, contrast/brightness, Gaussian blur or unsharp, Gaussian noise, random black
-or white borders (collimation) and burned-in text-like marks. All of these are applied to
+we will be shown). Intensity (image only): gamma 0.6–1.6, contrast/brightness, Gaussian blur
+or unsharp, Gaussian noise, random black or white borders (collimation) and burned-in
+text-like marks. All of these are applied to
 every source alike, so the look of a source (TBX11K is clean, NIH has markers) is no cue.
 """
 

@@ -233,7 +233,7 @@ def run_record(best: dict[str, Any]) -> dict[str, Any]:
         "seed": int(run_args["seed"]),
         "batch": int(run_args["batch"]),
         "lr": float(run_args["lr"]),
-        "scale_range": list(_scale_range(run_args.get("scale_range", "0.85,1.2"))),
+        "scale_range": list(_scale_range(run_args.get("scale_range", str(augment.SCALE)))),
     }
 
 
