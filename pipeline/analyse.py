@@ -79,7 +79,11 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
         boxes = (
             None
             if distances is None
-            else BoxEvidence(distances=distances, probabilities=probabilities)
+            else BoxEvidence(
+                distances=distances,
+                probabilities=probabilities,
+                channels=m.box_channel_indices,
+            )
         )
     with t.step("s300_marks"):
         evidence = pool_evidence(probabilities, regions, config.candidates.region_weight)

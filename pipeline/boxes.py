@@ -8,6 +8,10 @@ of the finding's box is the probability-weighted median of those votes, so a reg
 spreads over a second lesion keeps the box of the lesion most of its core lies on. The
 finding's region is then its own shape moved and stretched into that box
 (``geometry.fit_to_box``), so the SEG segment, SR contour, area and grade follow the box.
+
+The head's output holds one set of four distances for every channel, or one set per finding
+channel (``box_output.channels`` in the manifest: an ensemble whose members' boxes are
+mixed with other weights for each group); a finding reads its own channel's set.
 """
 
 from __future__ import annotations
@@ -27,8 +31,18 @@ CORE_FRACTION = 0.5
 class BoxEvidence:
     """One image's box-head output and the probabilities its votes are weighted by."""
 
-    distances: FloatArray  # (4, H, W): left, top, right, bottom, working pixels
+    distances: FloatArray  # (4·K, H, W): left, top, right, bottom, working pixels
     probabilities: FloatArray  # (C, H, W)
+    channels: tuple[int, ...] = ()
+    """The channel indices whose four distances follow one another in ``distances``, in
+    order (``Manifest.box_channel_indices``); (): one set of four for every channel."""
+
+    def distances_for(self, channel_index: int) -> FloatArray:
+        """The four distance planes (4, H, W) a finding of ``channel_index`` reads."""
+        if not self.channels:
+            return self.distances[:4]
+        k = self.channels.index(channel_index)
+        return self.distances[4 * k : 4 * k + 4]
 
 
 def _weighted_median(values: FloatArray, weights: FloatArray) -> float:
@@ -51,7 +65,7 @@ def predicted_box(
     if rows.size == 0:  # a zero peak: every pixel votes alike
         rows, cols = np.nonzero(mask)
     weights = np.maximum(p[rows, cols], 1e-6)
-    left, top, right, bottom = evidence.distances[:, rows, cols]
+    left, top, right, bottom = evidence.distances_for(channel_index)[:, rows, cols]
     yc, xc = rows + 0.5, cols + 0.5
     return (
         _weighted_median(yc - top, weights),

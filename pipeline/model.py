@@ -91,6 +91,10 @@ class Manifest:
     be the network without the head for the runs that need only probabilities; None: ``file``
     has both outputs."""
     box_sha256: str | None = None
+    box_channels: tuple[str, ...] = ()
+    """``box_output.channels``: the finding channels that have a set of four distances of
+    their own, in the output's order ((N, 4·K, H, W)); (): one set of four serves every
+    channel. When given, it names every finding channel, in the manifest's order."""
     zoom_scales: tuple[float, ...] = ()
     """S300 for this model (``operating_point.zoom_scales``): the model also runs on views
     of the image zoomed by these factors (above 1: a centre window enlarged; below 1: the
@@ -110,6 +114,17 @@ class Manifest:
     @property
     def lung_channel(self) -> Channel | None:
         return next((c for c in self.channels if c.kind == "lung"), None)
+
+    @property
+    def box_planes(self) -> int:
+        """How many planes the box output has: four per set of distances."""
+        return 4 * max(1, len(self.box_channels))
+
+    @property
+    def box_channel_indices(self) -> tuple[int, ...]:
+        """``box_channels`` as channel indices (``pipeline.boxes.BoxEvidence.channels``)."""
+        index = {c.name: c.index for c in self.channels}
+        return tuple(index[name] for name in self.box_channels)
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -259,11 +274,20 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     if box_output is not None and not isinstance(box_output, dict):
         raise ModelError("manifest: box_output must be an object")
     box_output_name = box_file = box_sha256 = None
+    box_channels: tuple[str, ...] = ()
     if box_output is not None:
         box_output_name = _get(box_output, "name", str, "box_output.")
         if "file" in box_output:
             box_file = _get(box_output, "file", str, "box_output.")
             box_sha256 = _get(box_output, "sha256", str, "box_output.").lower()
+        if "channels" in box_output:
+            box_channels = tuple(_get(box_output, "channels", list, "box_output."))
+            findings = tuple(c.name for c in channels if c.kind == "finding")
+            if box_channels != findings:
+                raise ModelError(
+                    f"manifest: box_output.channels {list(box_channels)} must name the finding "
+                    f"channels in order, {list(findings)}"
+                )
     return Manifest(
         name=_get(raw, "name", str, ""),
         version=_get(raw, "version", str, ""),
@@ -280,6 +304,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         box_output_name=box_output_name,
         box_file=box_file,
         box_sha256=box_sha256,
+        box_channels=box_channels,
         zoom_scales=_zoom_scales(op),
         raw=raw,
     )
@@ -317,7 +342,7 @@ class LesionModel:
         self, images: FloatArray, *, boxes: bool = True
     ) -> tuple[FloatArray, FloatArray | None]:
         """The probabilities (N, C, H, W) and, when the model has a box head and ``boxes`` is
-        set, its box distances (N, 4, H, W); else None."""
+        set, its box distances (N, 4·K, H, W: ``Manifest.box_planes``); else None."""
         if images.ndim != 3 or images.shape[1:] != self.manifest.working_shape:
             raise ModelError(
                 f"model input must be (N, {self.manifest.height}, {self.manifest.width}), "
@@ -426,9 +451,7 @@ def load_model(model_dir: Path, *, threads: int = 2) -> LesionModel:
     for probe in probes:
         if probe.shape != expected:
             raise ModelError(f"model output shape {probe.shape} ≠ {expected} from the manifest")
-    if box_probe is not None and box_probe.shape != (1, 4, manifest.height, manifest.width):
-        raise ModelError(
-            f"model box output shape {box_probe.shape} ≠ (1, 4, {manifest.height}, "
-            f"{manifest.width})"
-        )
+    box_expected = (1, manifest.box_planes, manifest.height, manifest.width)
+    if box_probe is not None and box_probe.shape != box_expected:
+        raise ModelError(f"model box output shape {box_probe.shape} ≠ {box_expected}")
     return model

@@ -108,7 +108,7 @@ def _resized(planes: FloatArray, shape: tuple[int, int], factors: FloatArray | N
 def back_to_working(
     probabilities: FloatArray, distances: FloatArray | None, window: ZoomWindow
 ) -> tuple[FloatArray, FloatArray | None]:
-    """One view's outputs (C, H, W) and (4, H, W) in the working grid: zoom in, the
+    """One view's outputs (C, H, W) and (4·K, H, W) in the working grid: zoom in, the
     window's place (C, height, width); zoom out, the whole grid (C, H, W) from the image's
     place in the view. Distances (left, top, right, bottom) are rescaled with the view."""
     rows, cols = probabilities.shape[1:]
@@ -127,7 +127,8 @@ def back_to_working(
     p = _resized(probabilities, shape, None)
     if distances is None:
         return p, None
-    return p, _resized(distances, shape, np.array([fx, fy, fx, fy], dtype=np.float32))
+    factors = np.tile(np.array([fx, fy, fx, fy], dtype=np.float32), len(distances) // 4)
+    return p, _resized(distances, shape, factors)
 
 
 def _placement(window: ZoomWindow) -> tuple[slice, slice, FloatArray | float]:
@@ -142,7 +143,7 @@ def _placement(window: ZoomWindow) -> tuple[slice, slice, FloatArray | float]:
 
 
 def traverse(pre: Preprocessed, model: LesionModel) -> tuple[FloatArray, FloatArray | None]:
-    """S300: the probabilities (C, H, W) and box distances (4, H, W; None without a box
+    """S300: the probabilities (C, H, W) and box distances (4·K, H, W; None without a box
     head) of the working image over the manifest's zoom scales: box distances and the
     channels fused by ``mean`` averaged where the views cover the image, the channels fused
     by ``max`` the strongest view there (each view first blended into the whole image's

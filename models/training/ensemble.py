@@ -8,6 +8,12 @@ each channel's weights and the box weights summing to 1, so that the result is a
 model of the same contract: one file computes both outputs, and the pipeline runs it as it
 runs any model (each S300 view then costs one run of every member).
 
+The box weights are one set for every channel (``--weight boxes=…``), or one set per finding
+channel (``--weight boxes.spot=… --weight boxes.shadow=…``): the output then holds four
+distance planes per finding channel, in the manifest's order (``box_output.channels``), and
+each group's findings read their own, so that one group can keep a member's boxes while
+another averages them.
+
     python -m models.training.ensemble --member models --member models/training/runs/joint/export \\
         --weight spot=1,0 --weight shadow=0.5,0.5 --weight lung=1,0 --weight boxes=0.5,0.5 \\
         --out models/training/runs/ensemble --version 1.6.0
@@ -30,7 +36,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,9 @@ import onnxruntime as ort
 ENSEMBLE_FILE = "shadowspot-lesion-ensemble.onnx"
 BOXES = "boxes"
 PARITY_TOLERANCE = 1e-4  # probabilities; boxes are compared relative to their size
+PER_CHANNEL_LAYOUT = (
+    "; here four such planes per finding channel, in the order of 'channels': (N, 4·K, H, W)"
+)
 
 
 class EnsembleError(ValueError):
@@ -58,6 +67,10 @@ class Member:
     @property
     def channels(self) -> list[str]:
         return [c["name"] for c in self.manifest["channels"]]
+
+    @property
+    def findings(self) -> list[str]:
+        return [c["name"] for c in self.manifest["channels"] if c.get("kind") == "finding"]
 
 
 def _sha256(path: Path) -> str:
@@ -91,9 +104,9 @@ def check_compatible(members: Sequence[Member]) -> None:
 
 
 def parse_weights(
-    specs: Sequence[str], names: Sequence[str], members: int
+    specs: Sequence[str], names: Sequence[str], findings: Sequence[str], members: int
 ) -> dict[str, list[float]]:
-    """``name=w1,w2,...`` for every channel name and ``boxes`` (``checked_weights``)."""
+    """``name=w1,w2,...`` for every channel name and the boxes (``checked_weights``)."""
     weights: dict[str, list[float]] = {}
     for spec in specs:
         name, _, values = spec.partition("=")
@@ -101,26 +114,47 @@ def parse_weights(
             weights[name] = [float(v) for v in values.split(",")]
         except ValueError as exc:
             raise EnsembleError(f"--weight {spec}: not a list of numbers") from exc
-    return checked_weights(weights, names, members)
+    return checked_weights(weights, names, findings, members)
+
+
+def box_keys(findings: Sequence[str]) -> list[str]:
+    """The weight names of boxes per finding channel: ``boxes.<channel>``."""
+    return [f"{BOXES}.{f}" for f in findings]
+
+
+def per_channel_boxes(weights: Mapping[str, Any]) -> bool:
+    """Whether ``weights`` mix the boxes per finding channel (else one set for all)."""
+    return BOXES not in weights
 
 
 def checked_weights(
-    weights: dict[str, Sequence[float]], names: Sequence[str], members: int
+    weights: Mapping[str, Sequence[float]],
+    names: Sequence[str],
+    findings: Sequence[str],
+    members: int,
 ) -> dict[str, list[float]]:
-    """The weights of every channel name and ``boxes``, one per member, none negative,
-    each set summing to 1; else ``EnsembleError``."""
+    """The weights of every channel name and of the boxes (``boxes``, or ``boxes.<finding>``
+    for every finding channel: not both), one per member, none negative, each set summing
+    to 1; else ``EnsembleError``."""
+    per_channel = box_keys(findings)
     for name, ws in weights.items():
-        if name not in (*names, BOXES):
+        if name not in (*names, BOXES, *per_channel):
             raise EnsembleError(f"weights for an unknown output '{name}'")
         if len(ws) != members or any(w < 0 for w in ws) or abs(sum(ws) - 1.0) > 1e-6:
             raise EnsembleError(
                 f"weights of {name} {list(ws)}: needs {members} weights, none negative, "
                 f"summing to 1"
             )
-    missing = [n for n in (*names, BOXES) if n not in weights]
+    given = [k for k in per_channel if k in weights]
+    if BOXES in weights and given:
+        raise EnsembleError(
+            f"weights for {BOXES} and for {', '.join(given)}: give one or the other"
+        )
+    boxes = [BOXES] if BOXES in weights or not given else per_channel
+    missing = [n for n in (*names, *boxes) if n not in weights]
     if missing:
         raise EnsembleError(f"no weights for {', '.join(missing)}")
-    return {n: [float(w) for w in weights[n]] for n in (*names, BOXES)}
+    return {n: [float(w) for w in weights[n]] for n in (*names, *boxes)}
 
 
 def build_graph(
@@ -158,24 +192,36 @@ def build_graph(
             template = model
     assert template is not None
 
-    def mix(output: str, per_member: list[Any]) -> None:
+    tensors = _weight_tensors(weights, channels, len(members), first)
+
+    def mix(key: str, output: str, source: str) -> None:
+        """``output`` = Σ_k (weights ``ensemble/{key}/w{k}``) · member k's ``source``."""
         terms = []
-        for k, w in enumerate(per_member):
-            wname = f"ensemble/{output}/w{k}"
-            initializers.append(numpy_helper.from_array(w, wname))
-            terms.append(f"ensemble/{output}/term{k}")
-            nodes.append(helper.make_node("Mul", [f"m{k}/{output}", wname], [terms[-1]]))
+        for k in range(len(members)):
+            wname = f"ensemble/{key}/w{k}"
+            initializers.append(numpy_helper.from_array(tensors[wname], wname))
+            terms.append(f"ensemble/{key}/term{k}")
+            nodes.append(helper.make_node("Mul", [f"m{k}/{source}", wname], [terms[-1]]))
         nodes.append(helper.make_node("Sum", terms, [output]))
 
-    tensors = _weight_tensors(weights, channels, len(members), first)
-    mix(prob_name, [tensors[f"ensemble/{prob_name}/w{k}"] for k in range(len(members))])
-    mix(box_name, [tensors[f"ensemble/{box_name}/w{k}"] for k in range(len(members))])
+    mix(prob_name, prob_name, prob_name)
     outputs = {o.name: o for o in template.graph.output}
+    box_output = outputs[box_name]
+    if per_channel_boxes(weights):
+        parts = [f"{box_name}.{f}" for f in members[0].findings]
+        for part in parts:
+            mix(part, f"ensemble/{part}", box_name)
+        nodes.append(
+            helper.make_node("Concat", [f"ensemble/{p}" for p in parts], [box_name], axis=1)
+        )
+        box_output = _with_planes(box_output, 4 * len(parts))
+    else:
+        mix(box_name, box_name, box_name)
     graph = helper.make_graph(
         nodes,
         "shadowspot-ensemble",
         [template.graph.input[0]],
-        [outputs[prob_name], outputs[box_name]],
+        [outputs[prob_name], box_output],
         initializer=initializers,
         value_info=value_info,
     )
@@ -207,7 +253,10 @@ def parity(
     parts = [run(m.folder / m.file) for m in members]
     w = np.asarray([[weights[c][k] for c in members[0].channels] for k in range(len(members))])
     probs = sum(w[k].reshape(1, -1, 1, 1) * parts[k][0] for k in range(len(members)))
-    boxes = sum(weights[BOXES][k] * parts[k][1] for k in range(len(members)))
+    keys = box_keys(members[0].findings) if per_channel_boxes(weights) else [BOXES]
+    boxes = np.concatenate(
+        [sum(weights[key][k] * parts[k][1] for k in range(len(members))) for key in keys], axis=1
+    )
     return {
         names[0]: float(np.max(np.abs(got[0] - probs))),
         names[1]: float(np.max(np.abs(got[1] - boxes) / np.maximum(np.abs(boxes), 1.0))),
@@ -234,6 +283,11 @@ def write_ensemble(
     tmp.replace(path)
     manifest = {k: v for k, v in first.items() if k not in ("metrics",)}
     box = {k: v for k, v in first["box_output"].items() if k not in ("file", "sha256")}
+    if per_channel_boxes(weights):
+        box.update(
+            channels=members[0].findings,
+            layout=box.get("layout", "four distance planes") + PER_CHANNEL_LAYOUT,
+        )
     manifest.update(
         version=version,
         file=ENSEMBLE_FILE,
@@ -253,18 +307,31 @@ def write_ensemble(
             "weights": weights,
             "parity": diffs,
             "rule": "per channel, probabilities = sum_k w_k p_k; boxes = sum_k v_k b_k",
+            "operating_point": "the first member's, its fits' rules naming the figures they "
+            "were fitted on, until a fit is run again on the ensemble; choose the thresholds "
+            "again (evaluate --choose-operating-point)",
         },
         metrics={},
     )
-    manifest.pop("training", None)
+    manifest["training"] = shared_training(members)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out / "manifest.json"
 
 
+def shared_training(members: Sequence[Member]) -> dict[str, Any]:
+    """The ensemble's training record: the entries every member's record has alike (the
+    data digest, the split, when they were trained on the same data), and where the rest is."""
+    records = [m.manifest.get("training", {}) for m in members]
+    shared = {k: v for k, v in records[0].items() if all(r.get(k) == v for r in records[1:])}
+    return {**shared, "members": "each member's own record: ensemble.members[].training"}
+
+
 def reweight(model_dir: Path, changes: dict[str, Sequence[float]]) -> None:
     """Give the ensemble in ``model_dir`` other weights, in place: ``changes`` maps channel
-    names and ``boxes`` to their new weights (one per member, summing to 1); the others
-    keep theirs. The graph's weight tensors, its digest and the manifest's record change."""
+    names and the boxes' names to their new weights (one per member, summing to 1); the
+    others keep theirs. The graph's weight tensors, its digest and the manifest's record
+    change; its layout does not: in an ensemble with boxes per finding channel, ``boxes``
+    sets every channel's box weights alike; one with shared boxes refuses weights per channel."""
     import onnx
     from onnx import numpy_helper
 
@@ -274,7 +341,18 @@ def reweight(model_dir: Path, changes: dict[str, Sequence[float]]) -> None:
         raise EnsembleError(f"{model_dir}: not an ensemble (no 'ensemble' in its manifest)")
     members = len(manifest["ensemble"]["members"])
     channels = [c["name"] for c in manifest["channels"]]
-    weights = checked_weights({**manifest["ensemble"]["weights"], **changes}, channels, members)
+    findings = [c["name"] for c in manifest["channels"] if c.get("kind") == "finding"]
+    current = manifest["ensemble"]["weights"]
+    if per_channel_boxes(current) and BOXES in changes:
+        shared = changes[BOXES]
+        changes = {k: v for k, v in changes.items() if k != BOXES}
+        changes.update({k: shared for k in box_keys(findings)})
+    elif not per_channel_boxes(current) and any(k in changes for k in box_keys(findings)):
+        raise EnsembleError(
+            f"{model_dir}: its boxes are one set for every channel; build the ensemble again "
+            "to weigh them per channel"
+        )
+    weights = checked_weights({**current, **changes}, channels, findings, members)
     file = model_dir / manifest["file"]
     model = onnx.load(str(file))
     tensors = _weight_tensors(weights, channels, members, manifest)
@@ -292,12 +370,29 @@ def _weight_tensors(
 ) -> dict[str, np.ndarray]:
     """The graph's weight tensors by initializer name (``build_graph``'s layout)."""
     prob, box = manifest["output"]["name"], manifest["box_output"]["name"]
+    findings = [c["name"] for c in manifest["channels"] if c.get("kind") == "finding"]
     out = {}
     for k in range(members):
         per_channel = np.asarray([weights[c][k] for c in channels], np.float32)
         out[f"ensemble/{prob}/w{k}"] = per_channel.reshape(1, -1, 1, 1)
-        out[f"ensemble/{box}/w{k}"] = np.asarray(weights[BOXES][k], np.float32)
+        if per_channel_boxes(weights):
+            for f, key in zip(findings, box_keys(findings), strict=True):
+                out[f"ensemble/{box}.{f}/w{k}"] = np.asarray(weights[key][k], np.float32)
+        else:
+            out[f"ensemble/{box}/w{k}"] = np.asarray(weights[BOXES][k], np.float32)
     return out
+
+
+def _with_planes(value: Any, planes: int) -> Any:
+    """A copy of the output ``value``'s type with ``planes`` channels (dimension 1)."""
+    import onnx
+
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    dim = copy.type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = planes
+    return copy
 
 
 def extract(model_dir: Path, index: int, out: Path) -> Path:
@@ -346,7 +441,10 @@ def extract(model_dir: Path, index: int, out: Path) -> Path:
         nodes,
         f"member-{index}",
         [i for i in graph.input if i.name == input_name],
-        [outputs[manifest["output"]["name"]], outputs[manifest["box_output"]["name"]]],
+        [
+            outputs[manifest["output"]["name"]],
+            _with_planes(outputs[manifest["box_output"]["name"]], 4),
+        ],
         initializer=initializers,
         value_info=[
             _renamed(v, own(v.name)) for v in graph.value_info if v.name.startswith(prefix)
@@ -361,7 +459,11 @@ def extract(model_dir: Path, index: int, out: Path) -> Path:
     onnx.save(model, str(out / file))
     record = members[index]
     member = {k: v for k, v in manifest.items() if k not in ("ensemble", "metrics")}
+    box = {k: v for k, v in manifest["box_output"].items() if k != "channels"}
+    if "layout" in box:
+        box["layout"] = box["layout"].removesuffix(PER_CHANNEL_LAYOUT)
     member.update(
+        box_output=box,
         name=record["name"],
         version=record["version"],
         file=file,
@@ -410,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EnsembleError("an ensemble needs at least two --member folders")
         members = [read_member(f) for f in args.member]
         check_compatible(members)
-        weights = parse_weights(args.weight, members[0].channels, len(members))
+        weights = parse_weights(args.weight, members[0].channels, members[0].findings, len(members))
         path = write_ensemble(members, weights, args.out, args.version)
     except EnsembleError as exc:
         print(f"ensemble: {exc}", file=sys.stderr)

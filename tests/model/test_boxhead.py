@@ -326,6 +326,8 @@ def test_box_command_from_a_trained_unet_to_a_model_the_pipeline_loads(tmp_path:
         == 0
     )
     mixed, _ = load_model(ens, threads=1).predict_with_boxes(image)
+    digest = json.loads((box_dir / "manifest.json").read_text())["training"]["data_digest"]
+    assert json.loads((ens / "manifest.json").read_text())["training"]["data_digest"] == digest
     np.testing.assert_allclose(mixed[:, 0], probabilities[:, 0], atol=1e-6)
     np.testing.assert_allclose(
         mixed[:, 1], (probabilities[:, 1] + joint_probabilities[:, 1]) / 2, atol=1e-6

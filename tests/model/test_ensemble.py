@@ -14,6 +14,7 @@ from onnx import helper
 
 from models.training.ensemble import ENSEMBLE_FILE, EnsembleError, main, reweight
 from pipeline.model import load_model
+from pipeline.result import SourceImage
 from tests.pipeline.tiny_model import build_tiny_model
 
 SIZE = 64
@@ -48,6 +49,15 @@ def _ensemble(tmp_path: Path, weights: list[str] = WEIGHTS) -> Path:
     return tmp_path / "ens"
 
 
+def _disk() -> SourceImage:
+    """A 600 × 500 radiograph-like image with a bright 20 mm disk, as the pipeline reads it."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:600, :500]
+    image = 1200 + 300 * np.cos((xx - 250) / 500 * np.pi) + 80 * rng.standard_normal((600, 500))
+    image[(yy - 300) ** 2 + (xx - 120) ** 2 <= 40**2] += 2500
+    return SourceImage(pixels=image.astype(np.uint16), spacing_mm=(0.25, 0.25))
+
+
 def _images() -> np.ndarray:
     rng = np.random.default_rng(1)
     images = rng.random((2, SIZE, SIZE), dtype=np.float32) * 0.3
@@ -80,6 +90,9 @@ def test_the_ensemble_outputs_the_weighted_means_of_its_members(tmp_path: Path) 
     first = json.loads((tmp_path / "a" / "manifest.json").read_text())
     for key in ("input", "output", "channels", "operating_point"):
         assert manifest[key] == first[key]
+    assert manifest["training"] == {
+        "members": "each member's own record: ensemble.members[].training"
+    }  # the tiny members have no training record to share
 
 
 def test_reweight_changes_the_graph_its_digest_and_the_record(tmp_path: Path) -> None:
@@ -102,6 +115,49 @@ def test_reweight_changes_the_graph_its_digest_and_the_record(tmp_path: Path) ->
         reweight(tmp_path / "a", {"shadow": (1.0, 0.0)})
 
 
+def test_boxes_weighed_per_finding_channel(tmp_path: Path) -> None:
+    """``boxes.spot`` and ``boxes.shadow`` give each finding channel its own four planes:
+    the spot channel keeps the first member's boxes, the shadow channel averages both; the
+    manifest names the channels, the loader checks the eight planes and the pipeline's
+    traversal and analysis run it. ``reweight``'s ``boxes`` sets both channels' weights;
+    a member comes back out with its own four planes."""
+    from pipeline import analyse
+    from pipeline.config import PipelineConfig
+
+    weights = ["spot=1,0", "shadow=0.25,0.75", "lung=1,0", "boxes.spot=1,0"]
+    ens = _ensemble(tmp_path, [*weights, "boxes.shadow=0.5,0.5"])
+    manifest = json.loads((ens / "manifest.json").read_text())
+    assert manifest["box_output"]["channels"] == ["spot", "shadow"]
+    assert manifest["ensemble"]["weights"]["boxes.shadow"] == [0.5, 0.5]
+    model = load_model(ens)
+    assert model.manifest.box_channel_indices == (0, 1)
+    _, boxes = model.predict_with_boxes(_images())
+    assert boxes is not None and boxes.shape == (2, 8, SIZE, SIZE)
+    np.testing.assert_allclose(boxes[:, :4], 6.0, atol=1e-5)
+    np.testing.assert_allclose(boxes[:, 4:], 9.0, atol=1e-5)
+    result = analyse(_disk(), model, PipelineConfig())
+    spots = [f for f in result.findings if f.group.value == "spot"]
+    assert spots, "the bright disk is found through the eight planes"
+    x0, y0, x1, y1 = spots[0].box  # the spot's own planes: 6 px to each edge, 12 px of 64
+    assert (y1 - y0, x1 - x0) == (
+        pytest.approx(12 * 600 / SIZE, rel=0.1),
+        pytest.approx(12 * 500 / SIZE, rel=0.1),
+    )
+    reweight(ens, {"boxes": (0.0, 1.0)})
+    _, boxes = load_model(ens).predict_with_boxes(_images())
+    assert boxes is not None
+    np.testing.assert_allclose(boxes, 12.0, atol=1e-5)
+    assert main(["--extract", "0", "--model-dir", str(ens), "--out", str(tmp_path / "m0")]) == 0
+    _, own = load_model(tmp_path / "m0").predict_with_boxes(_images())
+    assert own is not None and own.shape == (2, 4, SIZE, SIZE)
+    np.testing.assert_allclose(own, 6.0, atol=1e-6)
+    member = json.loads((tmp_path / "m0" / "manifest.json").read_text())["box_output"]
+    assert "channels" not in member
+    shared = _ensemble(tmp_path / "shared")
+    with pytest.raises(EnsembleError, match="one set for every channel"):
+        reweight(shared, {"boxes.spot": (1.0, 0.0)})
+
+
 @pytest.mark.parametrize(
     ("weights", "message"),
     [
@@ -110,6 +166,12 @@ def test_reweight_changes_the_graph_its_digest_and_the_record(tmp_path: Path) ->
         (["spot=1,0", "shadow=1", "lung=1,0", "boxes=1,0"], "needs 2 weights"),
         (["spot=1,0", "shade=1,0", "lung=1,0", "boxes=1,0"], "unknown output 'shade'"),
         (["spot=a,b", "shadow=1,0", "lung=1,0", "boxes=1,0"], "not a list of numbers"),
+        (["spot=1,0", "shadow=1,0", "lung=1,0", "boxes.spot=1,0"], "no weights for boxes.shadow"),
+        (
+            ["spot=1,0", "shadow=1,0", "lung=1,0", "boxes=1,0", "boxes.spot=1,0"],
+            "give one or the other",
+        ),
+        (["spot=1,0", "shadow=1,0", "lung=1,0", "boxes.lung=1,0"], "unknown output 'boxes.lung'"),
     ],
 )
 def test_the_command_refuses_weights_it_cannot_use(

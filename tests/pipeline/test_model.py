@@ -129,7 +129,8 @@ def test_the_support_power_is_read_per_channel_and_checked(tmp_path: Path) -> No
 
 
 def test_a_box_head_is_checked_at_load_and_its_weights_read(tmp_path: Path) -> None:
-    """``box_output`` names an output the graph must have, of shape (1, 4, H, W);
+    """``box_output`` names an output the graph must have, of shape (1, 4, H, W) (with
+    ``channels``, four planes per finding channel, named in order);
     ``operating_point.box_weight`` is read per channel (absent: 1, the head alone) and must
     be a number in [0, 1]."""
     folder = build_tiny_model(tmp_path, size=64, box_px=(3.0, 3.0, 3.0, 3.0))
@@ -158,6 +159,15 @@ def test_a_box_head_is_checked_at_load_and_its_weights_read(tmp_path: Path) -> N
     manifest["box_output"] = {"name": "box_distances"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="no output named 'box_distances'"):
+        load_model(folder)
+    # boxes per finding channel: named in the manifest's order, and the graph must have them
+    manifest["box_output"] = {"name": "boxes", "channels": ["shadow", "spot"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"must name the finding channels in order"):
+        load_model(folder)
+    manifest["box_output"]["channels"] = ["spot", "shadow"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"box output shape \(1, 4, 64, 64\) ≠ \(1, 8, 64, 64\)"):
         load_model(folder)
 
 

@@ -397,6 +397,14 @@ def test_s700_predicted_box_is_the_weighted_median_of_the_core_votes() -> None:
     box = predicted_box(mask, 0, BoxEvidence(distances=d, probabilities=p))
     assert box == pytest.approx(a)
     assert predicted_box(np.zeros_like(mask), 0, BoxEvidence(distances=d, probabilities=p)) is None
+    # boxes per finding channel: channel 0 reads the first four planes, channel 1 the next
+    two = np.stack([p[0], p[0]])
+    per_channel = BoxEvidence(
+        distances=np.concatenate([d, d + 2.0]), probabilities=two, channels=(0, 1)
+    )
+    assert predicted_box(mask, 0, per_channel) == pytest.approx(a)
+    wider = (a[0] - 2.0, a[1] - 2.0, a[2] + 2.0, a[3] + 2.0)
+    assert predicted_box(mask, 1, per_channel) == pytest.approx(wider)
 
 
 def test_s700_extent_scale_shrinks_and_grows_a_region_about_its_centre() -> None:

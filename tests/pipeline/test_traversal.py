@@ -63,6 +63,11 @@ def test_s300_a_windows_outputs_come_back_at_their_place_and_size() -> None:
     rows, cols = np.nonzero(p_back[0] > 0.5)
     assert abs((rows.mean() + w.top) - 192) < 1.0 and abs((cols.mean() + w.left) - 192) < 1.0
     assert np.allclose(d_back, 20.0, atol=1e-4)
+    # boxes per finding channel (an ensemble's): every set of four rescaled alike
+    d8 = np.concatenate([d, np.full((4, 384, 384), 12.0, dtype=np.float32)])
+    _, d8_back = back_to_working(p, d8, w)
+    assert d8_back is not None and d8_back.shape == (8, 320, 320)
+    assert np.allclose(d8_back[:4], 20.0, atol=1e-4) and np.allclose(d8_back[4:], 10.0, atol=1e-4)
 
 
 def test_s300_without_zoom_scales_the_traversal_is_one_model_run(tmp_path: Path) -> None:
