@@ -879,14 +879,26 @@ def _choose_operating_point(args: argparse.Namespace, records: Sequence[Record])
 
 
 def _sweep(args: argparse.Namespace, records: Sequence[Record], **changes: Any) -> list[Analysed]:
-    """The pipeline's findings on ``records`` with every finding threshold at the sweep
-    value and the manifest changed as ``_model_dir_with_thresholds`` does with ``changes``."""
+    """``sweep_findings`` with the command's model, data, sweep threshold and config."""
+    return sweep_findings(
+        args.model_dir, records, args.data_dir, args.sweep_threshold, args.config, **changes
+    )
+
+
+def sweep_findings(
+    model_dir: Path,
+    records: Sequence[Record],
+    data_dir: Path,
+    threshold: float,
+    config: Path | None = None,
+    **changes: Any,
+) -> list[Analysed]:
+    """The pipeline's findings on ``records`` with every finding threshold at ``threshold``
+    and the manifest changed as ``_model_dir_with_thresholds`` does with ``changes``."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _model_dir_with_thresholds(
-            args.model_dir, args.sweep_threshold, Path(tmp), **changes
-        )
-        engine = pipeline_engine(folder, args.config)
-        return [engine(load_grey(args.data_dir / "images" / f"{r.id}.png")) for r in records]
+        folder = _model_dir_with_thresholds(model_dir, threshold, Path(tmp), **changes)
+        engine = pipeline_engine(folder, config)
+        return [engine(load_grey(data_dir / "images" / f"{r.id}.png")) for r in records]
 
 
 def _fit_extent_scale(args: argparse.Namespace, records: Sequence[Record]) -> int:

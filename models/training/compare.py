@@ -1,0 +1,194 @@
+"""Two models on one split through the pipeline, with a paired bootstrap of their difference.
+
+    python -m models.training.compare ../shared/data/cxr-lesions --split val \\
+        --model-dir models --model-dir bench/work/candidate --out bench/work/compare.json
+
+Each model runs once on every image of the split, its finding thresholds at the sweep value
+(0.05), as ``evaluate`` runs it for FROC, AP50 and AUROC. ``GOAL_FIGURES`` are computed for
+both on the whole split and then on ``--resamples`` draws of it: each draw takes, within
+every source, as many patients as the source has, with replacement, and all their images,
+so that every draw keeps the split's mix of sources. Both models are scored on the same
+draws. Per figure it reports A, B, the difference B - A, its 95 % interval over the draws
+(2.5th to 97.5th percentile) and the share of draws in which B is higher. A difference whose
+interval holds 0 is within what this split's size lets one tell apart.
+
+The figures at the operating point (normal studies with findings and alerts, hits, Dice)
+are ``evaluate``'s; the thresholds do not enter the figures compared here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.training.dataset import Record, read_records, split_by_patient
+from models.training.evaluate import Analysed, score, sweep_findings
+
+GOAL_FIGURES = (
+    "shadow_sensitivity_at_1fp",
+    "shadow_ap50",
+    "tbx11k_ap50",
+    "spot_sensitivity_at_1fp",
+    "spot_ap50",
+    "auroc_nih",
+    "auroc_pooled",
+)
+"""The issue's goal figures that the sweep run gives (sensitivity at 1 false positive per
+image, AP50 at IoU 0.5, image-level AUROC of abnormal against normal studies)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Difference:
+    """One figure of two models on the whole split and over the draws."""
+
+    figure: str
+    a: float
+    b: float
+    low: float  # 2.5th percentile of B - A over the draws
+    high: float  # 97.5th percentile
+    b_higher: float  # share of the draws in which B is higher
+    draws: int  # draws in which the figure is defined for both
+
+
+def goal_figures(records: Sequence[Record], sweep: Sequence[Analysed]) -> dict[str, float]:
+    """``GOAL_FIGURES`` of one model's sweep run (``evaluate.score``); nan where a draw has
+    no lesion of the group or no image of a class."""
+    s = score(records, sweep, None, Path("."))
+    shadow, spot = s["groups"]["shadow"], s["groups"]["spot"]
+    return {
+        "shadow_sensitivity_at_1fp": shadow["froc"]["sensitivity_at_fp"]["1.0"],
+        "shadow_ap50": shadow["ap50"],
+        "tbx11k_ap50": shadow["tbx11k_ap50"],
+        "spot_sensitivity_at_1fp": spot["froc"]["sensitivity_at_fp"]["1.0"],
+        "spot_ap50": spot["ap50"],
+        "auroc_nih": s["image_auroc_nih"],
+        "auroc_pooled": s["image_auroc"],
+    }
+
+
+def draws(records: Sequence[Record], resamples: int, seed: int) -> list[list[int]]:
+    """``resamples`` lists of image indices: per source, its patients drawn with replacement
+    (as many as it has), each drawn patient bringing all its images."""
+    by_source: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, r in enumerate(records):
+        by_source[r.source][r.patient].append(i)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(resamples):
+        idx: list[int] = []
+        for source in sorted(by_source):
+            patients = sorted(by_source[source])
+            for k in rng.integers(0, len(patients), len(patients)):
+                idx.extend(by_source[source][patients[k]])
+        out.append(idx)
+    return out
+
+
+def compare(
+    records: Sequence[Record],
+    a: Sequence[Analysed],
+    b: Sequence[Analysed],
+    resamples: int,
+    seed: int = 0,
+) -> list[Difference]:
+    """Per goal figure: A and B on ``records`` and the paired bootstrap of B - A."""
+    whole_a, whole_b = goal_figures(records, a), goal_figures(records, b)
+    diffs: dict[str, list[float]] = {f: [] for f in GOAL_FIGURES}
+    for idx in draws(records, resamples, seed):
+        recs = [records[i] for i in idx]
+        fa = goal_figures(recs, [a[i] for i in idx])
+        fb = goal_figures(recs, [b[i] for i in idx])
+        for f in GOAL_FIGURES:
+            if not (math.isnan(fa[f]) or math.isnan(fb[f])):
+                diffs[f].append(fb[f] - fa[f])
+    out = []
+    for f in GOAL_FIGURES:
+        d = np.asarray(diffs[f], dtype=np.float64)
+        defined = d.size > 0
+        out.append(
+            Difference(
+                figure=f,
+                a=whole_a[f],
+                b=whole_b[f],
+                low=float(np.percentile(d, 2.5)) if defined else math.nan,
+                high=float(np.percentile(d, 97.5)) if defined else math.nan,
+                b_higher=float(np.mean(d > 0)) if defined else math.nan,
+                draws=int(d.size),
+            )
+        )
+    return out
+
+
+def table(rows: Sequence[Difference]) -> str:
+    lines = [
+        f"{'figure':28s} {'A':>7s} {'B':>7s} {'B-A':>7s} {'95% interval':>18s} {'B higher':>9s}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.figure:28s} {r.a:7.3f} {r.b:7.3f} {r.b - r.a:+7.3f} "
+            f"[{r.low:+7.3f}, {r.high:+7.3f}] {r.b_higher:9.1%}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.training.compare", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--split", choices=("val", "train", "all"), default="val")
+    parser.add_argument("--model-dir", type=Path, action="append", required=True, help="A, then B")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep-threshold", type=float, default=0.05)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True, help="the JSON summary to write")
+    args = parser.parse_args(argv)
+    if len(args.model_dir) != 2:
+        parser.error("give --model-dir twice: A, then B")
+    if args.resamples < 1:
+        parser.error("--resamples must be at least 1")
+    records = read_records(args.data_dir)
+    if args.split != "all":
+        records = split_by_patient(records)[args.split]
+    runs = [
+        sweep_findings(d, records, args.data_dir, args.sweep_threshold, args.config)
+        for d in args.model_dir
+    ]
+    rows = compare(records, runs[0], runs[1], args.resamples, args.seed)
+    models = []
+    for d in args.model_dir:
+        manifest = json.loads((d / "manifest.json").read_text())
+        models.append({"dir": str(d), "name": manifest["name"], "version": manifest["version"]})
+    summary: dict[str, Any] = {
+        "data_dir": str(args.data_dir),
+        "split": args.split,
+        "images": len(records),
+        "patients": len({r.patient for r in records}),
+        "sweep_threshold": args.sweep_threshold,
+        "resamples": args.resamples,
+        "seed": args.seed,
+        "a": models[0],
+        "b": models[1],
+        "figures": [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(r).items()}
+            for r in rows
+        ],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"A = {args.model_dir[0]}, B = {args.model_dir[1]}, {len(records)} images")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
