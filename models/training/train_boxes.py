@@ -2,8 +2,9 @@
 
     python -m models.training.train_boxes --minutes 45
 
-The U-Net (``--trunk``: by default the shipped ``models/shadowspot-lesion.onnx`` read back
-into PyTorch, float32 as shipped; or a ``train`` run's ``best.pt``, or a box run's checkpoint
+The U-Net (``--trunk``: by default the shipped model's file, ``models/manifest.json``'s
+``file``, read back into PyTorch, float32 as shipped: of an ensemble, its first member's; or a
+``train`` run's ``best.pt``, or a box run's checkpoint
 whose U-Net is taken) stays frozen in evaluation mode, so its probabilities are exactly those
 of the model it came from; only ``models.training.boxhead.BoxHead`` learns: from nothing, or
 from another run's head (``--init-head``, same shape: ``--head-width``, ``--head-dilations``).
@@ -102,6 +103,15 @@ def _name(path: Path | None) -> str | None:
         return None
     where = path.resolve()
     return str(where.relative_to(REPO)) if where.is_relative_to(REPO) else str(where)
+
+
+def shipped_file() -> Path:
+    """The shipped model's ONNX file (``models/manifest.json``'s ``file``); without a
+    manifest, where ``export`` writes the U-Net."""
+    manifest = REPO / "models" / "manifest.json"
+    if not manifest.is_file():
+        return REPO / "models" / FILE
+    return REPO / "models" / str(json.loads(manifest.read_text())["file"])
 
 
 def load_trunk(path: Path) -> tuple[UNet, tuple[int, ...], dict[str, Any]]:
@@ -453,9 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trunk",
         type=Path,
-        default=REPO / "models" / FILE,
-        help="the U-Net: an exported U-Net ONNX file (default: the shipped one, exactly), a "
-        "train run's best.pt, or a train_boxes checkpoint (its U-Net)",
+        default=shipped_file(),
+        help="the U-Net: an exported ONNX file (default: the shipped model's, exactly; of an "
+        "ensemble, its first member's U-Net), a train run's best.pt, or a train_boxes "
+        "checkpoint (its U-Net)",
     )
     parser.add_argument("--minutes", type=float, default=45.0)
     parser.add_argument("--size", type=int, default=384)

@@ -66,3 +66,27 @@ def test_finds_the_lesion_in_a_real_validation_image() -> None:
     assert shadows, "no shadow finding on a validation image with tuberculosis"
     best = max(iou(f.box, lesion.box) for f in shadows for lesion in record.findings)
     assert best >= 0.3, f"best IoU {best:.2f}"
+
+
+def test_the_shipped_unet_reads_back_as_the_default_trunk() -> None:
+    """``train_boxes``'s default ``--trunk`` is the shipped file; its U-Net read back into
+    PyTorch (of an ensemble, the first member's) gives the shipped probabilities of every
+    channel whose ensemble weight is all on that member (all channels for a single model)."""
+    torch = pytest.importorskip("torch")
+    from models.training.export import unet_from_onnx
+    from models.training.net import Exported
+    from models.training.train_boxes import shipped_file
+
+    m = _manifest()
+    assert shipped_file() == MODELS / str(m["file"])
+    weights = m.get("ensemble", {}).get("weights", {})  # type: ignore[union-attr]
+    names = [c["name"] for c in m["channels"]]  # type: ignore[index]
+    own = [i for i, n in enumerate(names) if not weights or weights[n][0] == 1.0]
+    assert own, "no channel is the first member's alone"
+    size = m["input"]  # type: ignore[index]
+    batch = np.random.default_rng(1).random((1, 1, size["height"], size["width"]), np.float32)
+    shipped = ort.InferenceSession(str(shipped_file()), providers=["CPUExecutionProvider"])
+    want = shipped.run(["probabilities"], {"image": batch})[0]
+    with torch.no_grad():
+        got = Exported(unet_from_onnx(shipped_file())).eval()(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(got[:, own], want[:, own], atol=1e-4)
