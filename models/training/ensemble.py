@@ -70,7 +70,12 @@ class Member:
 
     @property
     def findings(self) -> list[str]:
-        return [c["name"] for c in self.manifest["channels"] if c.get("kind") == "finding"]
+        return finding_names(self.manifest)
+
+
+def finding_names(manifest: dict[str, Any]) -> list[str]:
+    """The names of a manifest's finding channels, in its order."""
+    return [c["name"] for c in manifest["channels"] if c.get("kind") == "finding"]
 
 
 def _sha256(path: Path) -> str:
@@ -341,7 +346,7 @@ def reweight(model_dir: Path, changes: dict[str, Sequence[float]]) -> None:
         raise EnsembleError(f"{model_dir}: not an ensemble (no 'ensemble' in its manifest)")
     members = len(manifest["ensemble"]["members"])
     channels = [c["name"] for c in manifest["channels"]]
-    findings = [c["name"] for c in manifest["channels"] if c.get("kind") == "finding"]
+    findings = finding_names(manifest)
     current = manifest["ensemble"]["weights"]
     if per_channel_boxes(current) and BOXES in changes:
         shared = changes[BOXES]
@@ -370,7 +375,7 @@ def _weight_tensors(
 ) -> dict[str, np.ndarray]:
     """The graph's weight tensors by initializer name (``build_graph``'s layout)."""
     prob, box = manifest["output"]["name"], manifest["box_output"]["name"]
-    findings = [c["name"] for c in manifest["channels"] if c.get("kind") == "finding"]
+    findings = finding_names(manifest)
     out = {}
     for k in range(members):
         per_channel = np.asarray([weights[c][k] for c in channels], np.float32)
