@@ -20,7 +20,8 @@ another averages them.
 
 The folder written holds the graph (``ENSEMBLE_FILE``) and a manifest: the first member's,
 with the file, its digest, the box output in the same file, and an ``ensemble`` section
-naming each member (name, version, digest of the file used) and the weights. Before it is
+naming each member (name, version, digest of the file used, training record, operating point
+and metrics) and the weights. Before it is
 written, the graph is checked against the members run one by one on a random batch.
 The operating point is the first member's; fit and choose it again for the ensemble
 (``evaluate``). A member comes back out of the one file as a model folder of its own:
@@ -306,6 +307,8 @@ def write_ensemble(
                     "file": m.file,
                     "sha256": _sha256(m.folder / m.file),
                     "training": m.manifest.get("training", {}),
+                    "operating_point": m.manifest.get("operating_point", {}),
+                    "metrics": m.manifest.get("metrics", {}),
                 }
                 for m in members
             ],
@@ -403,9 +406,10 @@ def _with_planes(value: Any, planes: int) -> Any:
 def extract(model_dir: Path, index: int, out: Path) -> Path:
     """Member ``index`` of the ensemble in ``model_dir``, back as a model folder in ``out``:
     its nodes and weights out of the one graph, under their own names, in one file with both
-    outputs, and a manifest that is the ensemble's (its operating point: fit it again for
-    the member alone) with the member's name, version and training record. Returns the
-    manifest's path."""
+    outputs, and a manifest that is the ensemble's with the member's name, version, training
+    record, operating point and metrics as they were when the ensemble was built (an
+    ensemble built without them gives its own operating point: choose it again for the
+    member alone). Returns the manifest's path."""
     import onnx
     from onnx import helper
 
@@ -474,7 +478,8 @@ def extract(model_dir: Path, index: int, out: Path) -> Path:
         file=file,
         sha256=_sha256(out / file),
         training={**record.get("training", {}), "extracted_from": manifest["sha256"]},
-        metrics={},
+        operating_point=record.get("operating_point") or manifest["operating_point"],
+        metrics=record.get("metrics", {}),
     )
     path = out / "manifest.json"
     path.write_text(json.dumps(member, indent=2) + "\n")

@@ -251,9 +251,14 @@ def test_evaluate_fits_ensemble_weights_into_its_graph(tmp_path: Path) -> None:
 
 def test_a_member_comes_back_out_of_the_ensemble(tmp_path: Path) -> None:
     """``--extract K`` writes member K back as a model folder the loader opens, with the
-    member's outputs exactly and its own name and version; a member it does not have and a
-    model that is not an ensemble are refused."""
+    member's outputs exactly and its own name, version, operating point and metrics; a
+    member it does not have and a model that is not an ensemble are refused."""
     ens = _ensemble(tmp_path)
+    b = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    ensemble = json.loads((ens / "manifest.json").read_text())
+    assert ensemble["ensemble"]["members"][1]["operating_point"] == b["operating_point"]
+    ensemble["operating_point"]["thresholds"]["shadow"] = 0.9  # chosen again for the ensemble
+    (ens / "manifest.json").write_text(json.dumps(ensemble))
     assert main(["--extract", "1", "--model-dir", str(ens), "--out", str(tmp_path / "m1")]) == 0
     pb, bb = load_model(tmp_path / "b").predict_with_boxes(_images())
     p, boxes = load_model(tmp_path / "m1").predict_with_boxes(_images())
@@ -262,6 +267,7 @@ def test_a_member_comes_back_out_of_the_ensemble(tmp_path: Path) -> None:
     np.testing.assert_array_equal(boxes, bb)
     manifest = json.loads((tmp_path / "m1" / "manifest.json").read_text())
     assert (manifest["name"], manifest["version"]) == ("tiny-test-model", "0.0.1")
+    assert manifest["operating_point"] == b["operating_point"]  # the member's, not 0.9
     assert "ensemble" not in manifest
     assert main(["--extract", "2", "--model-dir", str(ens), "--out", str(tmp_path / "x")]) == 2
     not_one = ["--extract", "0", "--model-dir", str(tmp_path / "a"), "--out", str(tmp_path / "y")]
