@@ -8,8 +8,9 @@ Each model runs once on every image of the split, its finding thresholds at the 
 both on the whole split and then on ``--resamples`` draws of it: each draw takes, within
 every source, as many patients as the source has, with replacement, and all their images,
 so that every draw keeps the split's mix of sources. Both models are scored on the same
-draws. Per figure it reports A, B, the difference B - A, its 95 % interval over the draws
-(2.5th to 97.5th percentile) and the share of draws in which B is higher. A difference whose
+draws. Per figure it reports A and B, each with its 95 % interval over the draws (2.5th to 97.5th
+percentile), the difference B - A with its own interval, and the share of draws in which B
+is higher. A difference whose
 interval holds 0 is within what this split's size lets one tell apart.
 
 The figures at the operating point (normal studies with findings and alerts, hits, Dice)
@@ -56,6 +57,8 @@ class Difference:
     high: float  # 97.5th percentile
     b_higher: float  # share of the draws in which B is higher
     draws: int  # draws in which the figure is defined for both
+    a_interval: tuple[float, float]  # 2.5th and 97.5th percentiles of A's figure
+    b_interval: tuple[float, float]  # and of B's
 
 
 def goal_figures(records: Sequence[Record], sweep: Sequence[Analysed]) -> dict[str, float]:
@@ -101,39 +104,55 @@ def compare(
 ) -> list[Difference]:
     """Per goal figure: A and B on ``records`` and the paired bootstrap of B - A."""
     whole_a, whole_b = goal_figures(records, a), goal_figures(records, b)
-    diffs: dict[str, list[float]] = {f: [] for f in GOAL_FIGURES}
+    pairs: dict[str, list[tuple[float, float]]] = {f: [] for f in GOAL_FIGURES}
     for idx in draws(records, resamples, seed):
         recs = [records[i] for i in idx]
         fa = goal_figures(recs, [a[i] for i in idx])
         fb = goal_figures(recs, [b[i] for i in idx])
         for f in GOAL_FIGURES:
             if not (math.isnan(fa[f]) or math.isnan(fb[f])):
-                diffs[f].append(fb[f] - fa[f])
+                pairs[f].append((fa[f], fb[f]))
     out = []
     for f in GOAL_FIGURES:
-        d = np.asarray(diffs[f], dtype=np.float64)
-        defined = d.size > 0
+        ab = np.asarray(pairs[f], dtype=np.float64).reshape(-1, 2)
+        d = ab[:, 1] - ab[:, 0]
         out.append(
             Difference(
                 figure=f,
                 a=whole_a[f],
                 b=whole_b[f],
-                low=float(np.percentile(d, 2.5)) if defined else math.nan,
-                high=float(np.percentile(d, 97.5)) if defined else math.nan,
-                b_higher=float(np.mean(d > 0)) if defined else math.nan,
+                low=_percentile(d, 2.5),
+                high=_percentile(d, 97.5),
+                b_higher=float(np.mean(d > 0)) if d.size else math.nan,
                 draws=int(d.size),
+                a_interval=(_percentile(ab[:, 0], 2.5), _percentile(ab[:, 0], 97.5)),
+                b_interval=(_percentile(ab[:, 1], 2.5), _percentile(ab[:, 1], 97.5)),
             )
         )
     return out
 
 
+def _percentile(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else math.nan
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def table(rows: Sequence[Difference]) -> str:
     lines = [
-        f"{'figure':28s} {'A':>7s} {'B':>7s} {'B-A':>7s} {'95% interval':>18s} {'B higher':>9s}"
+        f"{'figure':26s} {'A [95% interval]':>22s} {'B [95% interval]':>22s} {'B-A':>7s} "
+        f"{'95% interval':>18s} {'B higher':>9s}"
     ]
     for r in rows:
         lines.append(
-            f"{r.figure:28s} {r.a:7.3f} {r.b:7.3f} {r.b - r.a:+7.3f} "
+            f"{r.figure:26s} {r.a:6.3f} [{r.a_interval[0]:5.3f}, {r.a_interval[1]:5.3f}] "
+            f"{r.b:6.3f} [{r.b_interval[0]:5.3f}, {r.b_interval[1]:5.3f}] {r.b - r.a:+7.3f} "
             f"[{r.low:+7.3f}, {r.high:+7.3f}] {r.b_higher:9.1%}"
         )
     return "\n".join(lines)
@@ -178,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "a": models[0],
         "b": models[1],
-        "figures": [
-            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(r).items()}
-            for r in rows
-        ],
+        "figures": [{k: _rounded(v) for k, v in asdict(r).items()} for r in rows],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")

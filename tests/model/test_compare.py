@@ -54,7 +54,8 @@ def test_a_model_against_itself_differs_by_nothing() -> None:
     assert [r.figure for r in rows] == list(GOAL_FIGURES)
     shadow = next(r for r in rows if r.figure == "shadow_ap50")
     assert shadow.a == shadow.b and (shadow.low, shadow.high, shadow.b_higher) == (0, 0, 0)
-    assert shadow.draws == 50
+    assert shadow.draws == 50 and shadow.a_interval == shadow.b_interval
+    assert shadow.a_interval[0] <= shadow.a <= shadow.a_interval[1]
     spot = next(r for r in rows if r.figure == "spot_ap50")
     assert spot.draws == 0  # no spot lesion in any draw: undefined, not zero
 
@@ -68,6 +69,7 @@ def test_a_better_ranking_is_higher_in_every_draw() -> None:
     shadow = next(r for r in rows if r.figure == "shadow_ap50")
     assert shadow.b == 1.0 and shadow.a < 1.0
     assert shadow.low > 0 and shadow.b_higher == 1.0
+    assert shadow.b_interval == (1.0, 1.0) and shadow.a_interval[1] < 1.0
 
 
 def test_the_command_runs_both_models_through_the_pipeline(tmp_path: Path) -> None:
