@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from models.training import metrics as M
 from models.training.dataset import Record, load_grey, read_records, split_by_patient
-from models.training.ensemble import reweight
+from models.training.ensemble import per_channel_boxes, reweight
 from models.training.preprocess import prepare
 from pipeline.model import VIEW_FUSIONS
 
@@ -659,6 +659,29 @@ ENSEMBLE_CHOICES: tuple[EnsembleChoice, ...] = (
 (the lung channel keeps its weights)."""
 
 
+GROUP_ENSEMBLE_CHOICES: tuple[EnsembleChoice, ...] = (
+    (("map", (1.0, 0.0)), ("boxes", (1.0, 0.0))),
+    (("map", (0.5, 0.5)), ("boxes", (1.0, 0.0))),
+    (("map", (0.5, 0.5)), ("boxes", (0.5, 0.5))),
+    (("map", (0.0, 1.0)), ("boxes", (0.0, 1.0))),
+)
+"""For a two-member ensemble with boxes per finding channel: the weights of one group's
+probability map and of its boxes, from the first member alone to the second alone. Each
+choice runs for every finding channel at once; ``--fit-ensemble-weights`` then keeps, per
+group, the choice with that group's highest AP50 (the groups' findings read their own maps
+and boxes)."""
+
+
+def group_choice_weights(
+    choice: EnsembleChoice, findings: Sequence[str]
+) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """A ``GROUP_ENSEMBLE_CHOICES`` entry as ensemble weights for every finding channel."""
+    weights = dict(choice)
+    return tuple(
+        pair for f in findings for pair in ((f, weights["map"]), (f"boxes.{f}", weights["boxes"]))
+    )
+
+
 def fit_ensemble_weights(
     records: Sequence[Record], runs: dict[EnsembleChoice, Sequence[Analysed]]
 ) -> tuple[EnsembleChoice, dict[str, dict[str, float]]]:
@@ -767,8 +790,9 @@ def main(argv: list[str] | None = None) -> int:
         "--fit-ensemble-weights",
         action="store_true",
         help="a two-member ensemble (models.training.ensemble): choose its weights of "
-        "ENSEMBLE_CHOICES on this split (use train) through the pipeline, write them into "
-        "its graph and manifest, exit",
+        "ENSEMBLE_CHOICES (with boxes per finding channel: per group, of "
+        "GROUP_ENSEMBLE_CHOICES) on this split (use train) through the pipeline, write them "
+        "into its graph and manifest, exit",
     )
     parser.add_argument(
         "--write-metrics",
@@ -1015,6 +1039,8 @@ def _fit_ensemble_weights(args: argparse.Namespace, records: Sequence[Record]) -
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     if len(manifest.get("ensemble", {}).get("members", ())) != 2:
         raise SystemExit(f"{args.model_dir}: not an ensemble of two members")
+    if per_channel_boxes(manifest["ensemble"]["weights"]):
+        return _fit_group_ensemble_weights(args, records, manifest)
     runs = {c: _sweep(args, records, ensemble_weights=c) for c in ENSEMBLE_CHOICES}
     best, ap = fit_ensemble_weights(records, runs)
     reweight(args.model_dir, dict(best))
@@ -1027,6 +1053,38 @@ def _fit_ensemble_weights(args: argparse.Namespace, records: Sequence[Record]) -
     )
     _update_manifest(args.model_dir, ensemble=manifest["ensemble"])
     print(f"ensemble weights {choice_key(best)} (AP50 by weights: {ap})")
+    print("the thresholds were chosen for the former weights: --choose-operating-point again")
+    return 0
+
+
+def _fit_group_ensemble_weights(
+    args: argparse.Namespace, records: Sequence[Record], manifest: dict[str, Any]
+) -> int:
+    """``_fit_ensemble_weights`` for an ensemble with boxes per finding channel: each of
+    ``GROUP_ENSEMBLE_CHOICES`` runs for every finding channel at once, and each group keeps
+    its own best (``fit_per_group``: its highest AP50, ties to the earlier choice)."""
+    channels = [c for c in manifest["channels"] if c.get("kind") == "finding"]
+    findings = [c["name"] for c in channels]
+    runs = {
+        c: _sweep(args, records, ensemble_weights=group_choice_weights(c, findings))
+        for c in GROUP_ENSEMBLE_CHOICES
+    }
+    fitted = fit_per_group(records, runs)
+    changes: dict[str, Sequence[float]] = {}
+    for c in channels:
+        changes.update(dict(group_choice_weights(fitted[c["group"]][0], [c["name"]])))
+    reweight(args.model_dir, changes)
+    ap = {g: {choice_key(k): v for k, v in row.items()} for g, (_, row) in fitted.items()}
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    manifest["ensemble"]["weights_rule"] = (
+        f"on the {args.split} split through the pipeline (thresholds {args.sweep_threshold}), "
+        f"per finding group: the map and box weights of "
+        f"[{'; '.join(choice_key(c) for c in GROUP_ENSEMBLE_CHOICES)}] with the group's "
+        f"highest AP50, ties to the earlier; AP50 by weights: {ap}"
+    )
+    _update_manifest(args.model_dir, ensemble=manifest["ensemble"])
+    chosen = {g: choice_key(best) for g, (best, _) in fitted.items()}
+    print(f"ensemble weights per group {chosen} (AP50 by weights: {ap})")
     print("the thresholds were chosen for the former weights: --choose-operating-point again")
     return 0
 

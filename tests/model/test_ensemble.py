@@ -249,6 +249,44 @@ def test_evaluate_fits_ensemble_weights_into_its_graph(tmp_path: Path) -> None:
         evaluate([*common, "--model-dir", str(tmp_path / "a"), "--fit-ensemble-weights"])
 
 
+def test_evaluate_fits_per_group_weights_into_an_ensemble_with_boxes_per_channel(
+    tmp_path: Path,
+) -> None:
+    """With boxes per finding channel, ``--fit-ensemble-weights`` runs each of
+    ``GROUP_ENSEMBLE_CHOICES`` and keeps, per group, its own best map and box weights: each
+    group's written weights are one of the choices, its rule records every choice's AP50
+    per group, and the loader accepts the result."""
+    from models.training.evaluate import GROUP_ENSEMBLE_CHOICES, choice_key
+    from models.training.evaluate import main as evaluate
+    from tests.model.folders import folder_with_normals
+
+    data = folder_with_normals(tmp_path / "data")
+    ens = _ensemble(tmp_path, [*WEIGHTS[:3], "boxes.spot=1,0", "boxes.shadow=0.5,0.5"])
+    common = [str(data), "--split", "all", "--out", str(tmp_path / "e")]
+    assert evaluate([*common, "--model-dir", str(ens), "--fit-ensemble-weights"]) == 0
+    record = json.loads((ens / "manifest.json").read_text())["ensemble"]
+    weights = record["weights"]
+    for group in ("spot", "shadow"):
+        pair = (("map", tuple(weights[group])), ("boxes", tuple(weights[f"boxes.{group}"])))
+        assert pair in GROUP_ENSEMBLE_CHOICES
+    assert weights["lung"] == [1.0, 0.0]
+    assert all(choice_key(c) in record["weights_rule"] for c in GROUP_ENSEMBLE_CHOICES)
+    assert "per finding group" in record["weights_rule"]
+    load_model(ens)
+
+
+def test_group_choices_become_weights_for_every_finding_channel() -> None:
+    from models.training.evaluate import GROUP_ENSEMBLE_CHOICES, group_choice_weights
+
+    both = GROUP_ENSEMBLE_CHOICES[2]
+    assert group_choice_weights(both, ["spot", "shadow"]) == (
+        ("spot", (0.5, 0.5)),
+        ("boxes.spot", (0.5, 0.5)),
+        ("shadow", (0.5, 0.5)),
+        ("boxes.shadow", (0.5, 0.5)),
+    )
+
+
 def test_a_member_comes_back_out_of_the_ensemble(tmp_path: Path) -> None:
     """``--extract K`` writes member K back as a model folder the loader opens, with the
     member's outputs exactly and its own name, version, operating point and metrics; a
