@@ -1043,18 +1043,12 @@ def _fit_ensemble_weights(args: argparse.Namespace, records: Sequence[Record]) -
         return _fit_group_ensemble_weights(args, records, manifest)
     runs = {c: _sweep(args, records, ensemble_weights=c) for c in ENSEMBLE_CHOICES}
     best, ap = fit_ensemble_weights(records, runs)
-    reweight(args.model_dir, dict(best))
-    manifest = json.loads((args.model_dir / "manifest.json").read_text())
-    manifest["ensemble"]["weights_rule"] = (
-        f"on the {args.split} split through the pipeline (thresholds {args.sweep_threshold}): "
-        f"the weights of [{'; '.join(choice_key(c) for c in ENSEMBLE_CHOICES)}] with the "
+    rule = (
+        f": the weights of [{'; '.join(choice_key(c) for c in ENSEMBLE_CHOICES)}] with the "
         f"highest AP50 averaged over the finding groups, ties to the earlier; AP50 by "
         f"weights: {ap}"
     )
-    _update_manifest(args.model_dir, ensemble=manifest["ensemble"])
-    print(f"ensemble weights {choice_key(best)} (AP50 by weights: {ap})")
-    print("the thresholds were chosen for the former weights: --choose-operating-point again")
-    return 0
+    return _write_ensemble_fit(args, dict(best), rule, choice_key(best))
 
 
 def _fit_group_ensemble_weights(
@@ -1073,18 +1067,27 @@ def _fit_group_ensemble_weights(
     changes: dict[str, Sequence[float]] = {}
     for c in channels:
         changes.update(dict(group_choice_weights(fitted[c["group"]][0], [c["name"]])))
-    reweight(args.model_dir, changes)
     ap = {g: {choice_key(k): v for k, v in row.items()} for g, (_, row) in fitted.items()}
-    manifest = json.loads((args.model_dir / "manifest.json").read_text())
-    manifest["ensemble"]["weights_rule"] = (
-        f"on the {args.split} split through the pipeline (thresholds {args.sweep_threshold}), "
-        f"per finding group: the map and box weights of "
+    rule = (
+        f", per finding group: the map and box weights of "
         f"[{'; '.join(choice_key(c) for c in GROUP_ENSEMBLE_CHOICES)}] with the group's "
         f"highest AP50, ties to the earlier; AP50 by weights: {ap}"
     )
-    _update_manifest(args.model_dir, ensemble=manifest["ensemble"])
     chosen = {g: choice_key(best) for g, (best, _) in fitted.items()}
-    print(f"ensemble weights per group {chosen} (AP50 by weights: {ap})")
+    return _write_ensemble_fit(args, changes, rule, f"per group {chosen}")
+
+
+def _write_ensemble_fit(
+    args: argparse.Namespace, changes: dict[str, Sequence[float]], rule: str, chosen: str
+) -> int:
+    """Write fitted ensemble weights into the graph and their rule into the manifest."""
+    reweight(args.model_dir, changes)
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    manifest["ensemble"]["weights_rule"] = (
+        f"on the {args.split} split through the pipeline (thresholds {args.sweep_threshold})" + rule
+    )
+    _update_manifest(args.model_dir, ensemble=manifest["ensemble"])
+    print(f"ensemble weights {chosen} ({manifest['ensemble']['weights_rule']})")
     print("the thresholds were chosen for the former weights: --choose-operating-point again")
     return 0
 
