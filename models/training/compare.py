@@ -83,14 +83,14 @@ def draws(records: Sequence[Record], resamples: int, seed: int) -> list[list[int
     by_source: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, r in enumerate(records):
         by_source[r.source][r.patient].append(i)
+    sources = [[by_source[s][p] for p in sorted(by_source[s])] for s in sorted(by_source)]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(resamples):
         idx: list[int] = []
-        for source in sorted(by_source):
-            patients = sorted(by_source[source])
+        for patients in sources:
             for k in rng.integers(0, len(patients), len(patients)):
-                idx.extend(by_source[source][patients[k]])
+                idx.extend(patients[k])
         out.append(idx)
     return out
 
