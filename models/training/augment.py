@@ -5,17 +5,26 @@ Geometry (image and targets together): rotation ±8°, isotropic scale 0.85–1.
 flip (the heart and the aortic knob are on the patient's left; a flipped chest is not a chest
 we will be shown). Intensity (image only): gamma 0.6–1.6, contrast/brightness, Gaussian blur
 or unsharp, Gaussian noise, random black or white borders (collimation) and burned-in
-text-like marks. All of these are applied to
-every source alike, so the look of a source (TBX11K is clean, NIH has markers) is no cue.
+text-like marks. Compression (``jpeg``, on the uint8 image before the rest): with
+probability ``JPEG_P`` a JPEG re-encode at a quality drawn from ``JPEG_QUALITY``, so that
+JPEG's look (one NIH mass source is JPEG-coded, the others lossless) is no cue for a lesion.
+All of these are applied to every source alike, so the look of a source (TBX11K is clean, NIH
+has markers) is no cue.
 """
 
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
+import numpy.typing as npt
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
+JPEG_P = 0.5
+JPEG_QUALITY = (30, 95)
 SCALE = (0.85, 1.2)
 """The isotropic scale range of the geometry (``train --scale-range`` sets another)."""
 
@@ -61,6 +70,20 @@ def geometry(
         weight, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
     return image, target, weight
+
+
+def jpeg(images: npt.NDArray[np.uint8], g: torch.Generator) -> npt.NDArray[np.uint8]:
+    """Each uint8 image (N, H, W) JPEG re-encoded with probability ``JPEG_P`` at a quality
+    uniform in ``JPEG_QUALITY``; the others as they were."""
+    out = images.copy()
+    for i in range(len(images)):
+        if torch.rand(1, generator=g).item() >= JPEG_P:
+            continue
+        quality = int(torch.randint(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1, (1,), generator=g))
+        buffer = io.BytesIO()
+        Image.fromarray(images[i]).save(buffer, "JPEG", quality=quality)
+        out[i] = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("L"))
+    return out
 
 
 def _marks(image: torch.Tensor, g: torch.Generator) -> None:

@@ -2,14 +2,22 @@
 
 Targets (working size H×W, one plane per output channel):
 
-* ``spot`` (nodule, mass) and ``shadow`` (tuberculosis, consolidation, ground-glass):
-  where the data has a lesion mask, the mask; where it only has a box, the ellipse inscribed
-  in the box. Pixels inside a box but outside its ellipse get loss weight ``BOX_EDGE_WEIGHT``
-  (box noise: the lesion may or may not fill the corners). Normal studies are all-negative.
-  ``pleural_effusion`` (one region in the data) is left out of both channels and its region
-  is ignored (weight 0).
+* ``spot`` (nodule, mass) and ``shadow`` (tuberculosis, consolidation, ground-glass), by
+  ``labels.GROUP_OF_LABEL``: where the data has a lesion mask, the mask; where it only has a
+  box, the ellipse inscribed in the box. Pixels inside a box but outside its ellipse get loss
+  weight ``BOX_EDGE_WEIGHT`` (box noise: the lesion may or may not fill the corners). Normal
+  studies are all-negative. The loose kinds (``labels.WEAK_SHADOW``: infiltration,
+  pneumonia, lung opacity) are ignored by the shadow channel (weight 0 over their box); every
+  other label (effusion, atelectasis, …) is ignored by both channels. An image whose
+  ``unboxed`` labels say it may hold unmarked spots (or shadows) gives that channel weight 0
+  outside its marked lesions: an unmarked lesion is not a negative.
 * ``lung``: the lung-field mask, only for images that have one (``has_lung``); the loss of
   that channel is masked to those images.
+
+Splits (``split_by_patient``), by patient and per source: the **locked test split** is the
+20 % of each source's patients listed in ``test-patients.json`` (drawn once by
+``draw_test_patients``, seeded, committed); it is never packed, never trained on, never used
+for a fit or a choice. Of the other patients, 15 % per source are validation, the rest train.
 
 The packed cache (``models/training/cache/<digest>-<size>.npz``) holds uint8 planes.
 ``write_pack`` folds both splits into one compressed file small enough to travel to a machine
@@ -31,25 +39,20 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from models.training.labels import GROUP_OF_LABEL, GROUPS, WEAK_SHADOW, unboxed_groups
 from models.training.preprocess import prepare
 
 BOX_EDGE_WEIGHT = 0.25
 VAL_SHARE = 0.15
 SPLIT_SEED = 20261125
+TEST_SHARE = 0.20
+TEST_SEED = 20261202
+TEST_PATIENTS = Path(__file__).with_name("test-patients.json")
+TARGETS_VERSION = 3  # bump when targets() changes: the pack cache is keyed by it
 
-# label -> channel name; labels absent here are ignored regions.
-LABEL_CHANNEL = {
-    "nodule": "spot",
-    "mass": "spot",
-    "active_tuberculosis": "shadow",
-    "obsolete_tuberculosis": "shadow",
-    "tuberculosis": "shadow",
-    "consolidation": "shadow",
-    "ground_glass_opacity": "shadow",
-    "infiltration": "shadow",
-    "opacity": "shadow",
-}
-FINDING_CHANNELS = ("spot", "shadow")
+# label -> channel name; labels absent here are ignored regions (see labels.py).
+LABEL_CHANNEL = GROUP_OF_LABEL
+FINDING_CHANNELS = GROUPS
 CHANNELS = (*FINDING_CHANNELS, "lung")
 
 
@@ -69,6 +72,7 @@ class Record:
     height: int
     lungs: str | None
     findings: tuple[Lesion, ...]
+    unboxed: tuple[str, ...] = ()
 
     @property
     def normal(self) -> bool:
@@ -95,21 +99,49 @@ def read_records(data_dir: Path) -> list[Record]:
                 height=int(raw["height"]),
                 lungs=raw.get("lungs"),
                 findings=lesions,
+                unboxed=tuple(raw.get("unboxed", ())),
             )
         )
     return records
 
 
-def split_by_patient(records: list[Record], seed: int = SPLIT_SEED) -> dict[str, list[Record]]:
-    """Split into train/val by patient, ~``VAL_SHARE`` of each source's patients in val."""
-    val_patients: set[str] = set()
+def draw_test_patients(
+    records: list[Record], seed: int = TEST_SEED, share: float = TEST_SHARE
+) -> dict[str, list[str]]:
+    """``share`` of each source's patients (at least one), seeded: the locked test split as
+    ``test-patients.json`` holds it. A patient seen in several sources is drawn (or not) in
+    the first of them by name, and belongs to the same split in every source."""
+    drawn: dict[str, list[str]] = {}
+    seen: set[str] = set()
     for source in sorted({r.source for r in records}):
-        patients = sorted({r.patient for r in records if r.source == source})
+        patients = sorted({r.patient for r in records if r.source == source} - seen)
+        seen.update(patients)
         random.Random(f"{seed}:{source}").shuffle(patients)
-        val_patients.update(patients[: max(1, round(len(patients) * VAL_SHARE))])
+        drawn[source] = sorted(patients[: max(1, round(len(patients) * share))])
+    return drawn
+
+
+def locked_test_patients(records: list[Record], path: Path = TEST_PATIENTS) -> set[str]:
+    """The test patients: ``path``'s list for every source it names; a source it does not
+    name (a synthetic folder in the tests) is drawn by ``draw_test_patients``."""
+    listed: dict[str, list[str]] = json.loads(path.read_text())["patients"] if path.exists() else {}
+    drawn = draw_test_patients([r for r in records if r.source not in listed])
+    return {p for patients in (*listed.values(), *drawn.values()) for p in patients}
+
+
+def split_by_patient(records: list[Record], seed: int = SPLIT_SEED) -> dict[str, list[Record]]:
+    """train/val/test by patient: test = the locked test patients; of the others,
+    ~``VAL_SHARE`` of each source's patients in val (at least one), the rest train."""
+    test = locked_test_patients(records)
+    val: set[str] = set()
+    for source in sorted({r.source for r in records}):
+        patients = sorted({r.patient for r in records if r.source == source} - test - val)
+        random.Random(f"{seed}:{source}").shuffle(patients)
+        val.update(patients[: max(1, round(len(patients) * VAL_SHARE))] if patients else [])
     return {
-        "train": [r for r in records if r.patient not in val_patients],
-        "val": [r for r in records if r.patient in val_patients],
+        "train": [r for r in records if r.patient not in test and r.patient not in val],
+        "val": [r for r in records if r.patient in val],
+        "test": [r for r in records if r.patient in test],
     }
 
 
@@ -153,6 +185,8 @@ def targets(
     """(target (3,H,W) for spot/shadow/lung, weight (2,H,W) for spot/shadow)."""
     tgt = np.zeros((len(CHANNELS), height, width), dtype=np.float32)
     wgt = np.ones((len(FINDING_CHANNELS), height, width), dtype=np.float32)
+    for group in unboxed_groups(record.unboxed):
+        wgt[FINDING_CHANNELS.index(group)] = 0.0
     sx, sy = width / record.width, height / record.height
     for lesion in record.findings:
         channel = LABEL_CHANNEL.get(lesion.label)
@@ -161,8 +195,11 @@ def targets(
             region = plane > 0.0
         else:
             plane, region = _ellipse(lesion.box, sx, sy, height, width)
+            region = region | (plane > 0.0)
         if channel is None:
-            wgt[:, region] = 0.0
+            ignored = [FINDING_CHANNELS.index("shadow")] if lesion.label in WEAK_SHADOW else None
+            for c in ignored if ignored is not None else range(len(FINDING_CHANNELS)):
+                wgt[c][region] = 0.0
             continue
         c = FINDING_CHANNELS.index(channel)
         tgt[c] = np.maximum(tgt[c], plane)
@@ -203,13 +240,14 @@ def pack(data_dir: Path, records: list[Record], size: int, out: Path) -> Path:
 def packed(
     data_dir: Path, size: int, cache_dir: Path
 ) -> tuple[dict[str, Path], str, dict[str, int]]:
-    """Pack train and val (once per data digest and size); return paths, digest, counts."""
+    """Pack train and val (once per data digest, targets version and size; the test split
+    is never packed); return paths, digest, counts."""
     records = read_records(data_dir)
     digest = data_digest(data_dir, records)
-    splits = split_by_patient(records)
+    splits = {k: v for k, v in split_by_patient(records).items() if k != "test"}
     paths = {}
     for name, recs in splits.items():
-        path = cache_dir / f"{digest[7:23]}-{size}-{name}.npz"
+        path = cache_dir / f"{digest[7:23]}-t{TARGETS_VERSION}-{size}-{name}.npz"
         if not path.exists():
             tmp = path.with_suffix(".tmp.npz")
             pack(data_dir, recs, size, tmp)

@@ -2,8 +2,10 @@
 
     python -m models.training.train --minutes 80
 
-Each epoch draws ``len(train)`` samples with replacement, weighted by source (the small NIH
-mass/nodule and COVID sets are drawn more often), from a generator seeded by (seed, epoch);
+Each epoch draws ``len(train)`` samples with replacement from a generator seeded by (seed,
+epoch), weighted (``sample_weights``) so that images with a spot make ``SPOT_SHARE`` of the
+draws and JSRT's normals are drawn as often as its nodules (spots are few: without this a
+batch of 8 rarely holds one); augmentation re-encodes half the images as JPEG;
 the learning rate follows a cosine over the time budget. After every epoch the run validates,
 writes ``runs/<run>/last.pt`` and, when the validation loss improved, ``best.pt`` and the
 ONNX model + manifest in ``--model-dir`` (default ``runs/<run>/export``: a run never replaces
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch.nn import functional as F
 
@@ -37,11 +40,12 @@ from models.training.net import WIDTHS, UNet, parameter_count
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "cxr-lesions"
-SOURCE_WEIGHT = {"nih-chestxray14-mass50": 5.0, "covid-seg": 2.0}
+SOURCE_WEIGHT = {"covid-seg": 2.0}
+SPOT_SHARE = 0.35
 POS_WEIGHT = 2.0
 LUNG_WEIGHT = 0.5
 WARMUP_STEPS = 50
-VERSION = "1.1.1"
+VERSION = "3.0.0"
 
 
 def loss_terms(
@@ -76,7 +80,10 @@ def train_step(
 ) -> float:
     """One optimisation step on a uint8 batch (images N×H×W, targets, weights, has_lung),
     augmented with the isotropic scale drawn from ``scale_range``."""
-    image = batch["images"].float().unsqueeze(1) / 255.0
+    images = batch["images"]
+    if augment_batch:
+        images = torch.from_numpy(augment.jpeg(images.numpy(), g))
+    image = images.float().unsqueeze(1) / 255.0
     target = batch["targets"].float() / 255.0
     weight = batch["weights"].float() / 255.0
     if augment_batch:
@@ -146,6 +153,22 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
+
+
+def sample_weights(
+    sources: npt.NDArray[np.str_], has_spot: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float64]:
+    """Draw probabilities per training image: by ``SOURCE_WEIGHT``; images with a spot scaled
+    to ``SPOT_SHARE`` of the mass; JSRT's normals to the mass of JSRT's nodules (so that within
+    JSRT the film's look says nothing)."""
+    w = np.array([SOURCE_WEIGHT.get(str(s), 1.0) for s in sources], dtype=np.float64)
+    if has_spot.any() and (~has_spot).any():
+        spot, rest = w[has_spot].sum(), w[~has_spot].sum()
+        w[has_spot] *= SPOT_SHARE / (1 - SPOT_SHARE) * rest / spot
+    jsrt = np.array([str(s) == "jsrt" for s in sources])
+    if (jsrt & has_spot).any() and (jsrt & ~has_spot).any():
+        w[jsrt & ~has_spot] *= w[jsrt & has_spot].sum() / w[jsrt & ~has_spot].sum()
+    return w / w.sum()
 
 
 def _cosine(elapsed: float, budget: float) -> float:
@@ -248,7 +271,8 @@ def export_model(net: UNet, model_dir: Path, best: dict[str, Any]) -> Path:
         "widths": list(best["widths"]),
         "params": parameter_count(net),
         "device": run_args.get("device", "auto"),
-        "split_seed_and_share": "by patient, per source, 15 % val, seed 20261125",
+        "split_seed_and_share": "by patient, per source: the locked test split "
+        "(models/training/test-patients.json, 20 %), then 15 % of the rest val (seed 20261125)",
     }
     if "init" in state:
         training["initialised_from"] = state["init"]
@@ -425,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = args.minutes * 60
     state["budget_s"] = budget
-    source_w = np.array([SOURCE_WEIGHT.get(str(s), 1.0) for s in train["sources"]])
-    source_w /= source_w.sum()
+    spot = FINDING_CHANNELS.index("spot")
+    source_w = sample_weights(train["sources"], train["targets"][:, spot].max(axis=(1, 2)) > 127)
 
     def after_epoch(metrics: dict[str, float], improved: bool) -> None:
         ckpt = {
