@@ -64,6 +64,23 @@ class NodeSection:
     """ACSE, DIMSE and network timeouts of incoming associations."""
     max_pdu_bytes: int = 65536
     """Largest P-DATA PDU we accept (0 = unlimited)."""
+    idle_timeout_seconds: float = 10.0
+    """A TCP connection that has not completed its TLS handshake and sent its whole
+    A-ASSOCIATE-RQ within this time is closed (like DICOM's ARTIM timer); until then it
+    does not count against ``max_associations``."""
+    max_associations_per_address: int = 8
+    """Concurrent associations accepted from one IP address (the rest rejected, transient)."""
+    max_pending_connections: int = 512
+    """Connections waiting for their A-ASSOCIATE-RQ at once, over all addresses; past it, and
+    past a quarter of it from one address, the longest-silent one is closed."""
+    max_store_mb: float = 1024.0
+    """Largest C-STORE dataset accepted; a larger one is aborted as it arrives and logged."""
+    max_decoded_megapixels: float = 100.0
+    """Pixel budget of one image (rows × columns × frames × samples, in millions): a larger
+    declared size, in the header or in any compressed frame, is refused before decoding."""
+    decode_memory_mb: float = 2048.0
+    """Address-space limit of the decoding subprocess: a file whose size the parser misreads
+    still cannot take more than this."""
     analysis_workers: int = 1
     """Worker threads that run the pipeline on queued studies."""
 
@@ -76,8 +93,14 @@ class NodeSection:
             raise ValueError("min_free_mb must be 0 or more")
         if self.max_associations < 1 or self.analysis_workers < 1:
             raise ValueError("max_associations and analysis_workers must be at least 1")
-        if self.network_timeout_seconds <= 0:
-            raise ValueError("network_timeout_seconds must be positive")
+        if self.network_timeout_seconds <= 0 or self.idle_timeout_seconds <= 0:
+            raise ValueError("network_timeout_seconds and idle_timeout_seconds must be positive")
+        if self.max_associations_per_address < 1 or self.max_pending_connections < 4:
+            raise ValueError(
+                "max_associations_per_address must be at least 1, max_pending_connections 4"
+            )
+        if min(self.max_store_mb, self.max_decoded_megapixels, self.decode_memory_mb) <= 0:
+            raise ValueError("max_store_mb, max_decoded_megapixels, decode_memory_mb: positive")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
