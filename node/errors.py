@@ -4,6 +4,7 @@ ShadowSpotError (pipeline.errors)
 ├── PipelineError, InputImageError, ModelError   (pipeline.errors)
 └── NodeError
     ├── ConfigError           the configuration file is invalid; carries every problem
+    ├── ListenError           the Storage SCP cannot listen on its address and port
     ├── IngestError           an incoming instance is refused; carries its DIMSE status
     ├── EncodeError           a result object (SEG/SR/GSPS/SC) could not be built
     └── ExportError           a delivery failed; ``retryable`` says whether to try again
@@ -39,6 +40,10 @@ class ConfigError(NodeError):
         self.problems = tuple(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+class ListenError(NodeError):
+    """The Storage SCP cannot listen on its host and port (in use, not ours, no permission)."""
 
 
 class IngestError(NodeError):

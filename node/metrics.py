@@ -36,6 +36,14 @@ from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+CONNECTIONS_DROPPED = Counter(
+    "shadowspot_connections_dropped",
+    "TCP connections closed by the listener's limits, by reason (idle_timeout, "
+    "tls_handshake_failed, pending_limit, address_pending_limit, pdu_too_long, "
+    "dataset_too_large, ...).",
+    ["reason"],
+    registry=REGISTRY,
+)
 ASSOCIATIONS = Counter(
     "shadowspot_associations",
     "Incoming associations by outcome (accepted, rejected, aborted).",

@@ -2,8 +2,10 @@
 
 Refuse at negotiation what we cannot handle: the called AE title must be ours, the caller must
 be listed in ``[[callers]]`` (AE title and, where given, host; none listed = anyone), at most
-``max_associations`` at once, and only the storage SOP classes below, in any transfer syntax
-pydicom decodes with the pylibjpeg plugins, accepted as the caller proposes them.
+``max_associations`` at once and ``max_associations_per_address`` from one address, and only
+the storage SOP classes below, in any transfer syntax pydicom decodes with the pylibjpeg
+plugins, accepted as the caller proposes them. Before negotiation, ``node.listener`` keeps
+silent and slow connections from holding the port or a slot, and bounds PDUs and datasets.
 
 The C-STORE handler checks free space, parses the header, writes ``event.encoded_dataset()``
 durably to the spool, records the instance in the queue and only then answers success.
@@ -27,7 +29,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from node import metrics
 from node.config import Config
 from node.dimse import VERIFICATION_SOP_CLASS, RejectReason, RejectResult, RejectSource, Status
-from node.errors import IngestError
+from node.errors import IngestError, ListenError
+from node.listener import GuardedServer, Limits
 from node.queue import Queue
 from node.spool import Spool, inspect
 from node.tls import server_context
@@ -62,6 +65,10 @@ TRANSFER_SYNTAXES: tuple[uid.UID, ...] = (
 """Every transfer syntax pydicom decodes with pylibjpeg (+ -libjpeg, -openjpeg, -rle)."""
 
 log = structlog.stdlib.get_logger("node.scp")
+
+LOCAL_LIMIT_EXCEEDED = 0x02
+"""A-ASSOCIATE-RJ reason for source 3 (service provider, presentation): local limit exceeded."""
+
 
 _REJECT_REASON = {
     Status.OUT_OF_RESOURCES: "disk_full",
@@ -174,13 +181,30 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_c_store),
         ]
         node = self._config.node
-        self._server = self.ae.start_server(
-            (node.host, node.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=server_context(self._config),
+        limits = Limits(
+            idle_timeout=node.idle_timeout_seconds,
+            max_pending=node.max_pending_connections,
+            max_pdu_bytes=node.max_pdu_bytes,
+            max_store_bytes=int(node.max_store_mb * 2**20),
         )
-        host, port = self._server.server_address[:2]
+        try:
+            server = self.ae.make_server(
+                (node.host, node.port),
+                evt_handlers=handlers,
+                ssl_context=server_context(self._config),
+                server_class=GuardedServer,
+                limits=limits,
+            )
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc} (another "
+                "node or DICOM server on that port? set [node] port)"
+            ) from exc
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        self._server = server
+        host, port = server.server_address[:2]
         return str(host), int(port)
 
     @property
@@ -237,11 +261,30 @@ class StorageSCP:
         )
         reason = self.policy.check(called_ae=called_ae, calling_ae=calling_ae, address=address)
         if reason is None:
+            self._check_address_limit(event, address)
             return
         log.warning("association_rejected", reason=reason.name.lower(), called_ae=called_ae)
         metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
         event.assoc.acse.send_reject(
             RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER, reason
+        )
+        event.assoc.kill()
+
+    def _check_address_limit(self, event: evt.Event, address: str) -> None:
+        """Reject (transient, local limit exceeded) past ``max_associations_per_address``."""
+        limit = self._config.node.max_associations_per_address
+        server = self._server
+        if server is None:
+            return
+        same = [a for a in server.active_associations if str(a.requestor.address) == address]
+        if len(same) <= limit:
+            return
+        log.warning("association_refused_by_address_limit", max_per_address=limit)
+        metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
+        event.assoc.acse.send_reject(
+            RejectResult.REJECTED_TRANSIENT,
+            RejectSource.SERVICE_PROVIDER_PRESENTATION,
+            LOCAL_LIMIT_EXCEEDED,
         )
         event.assoc.kill()
 

@@ -108,10 +108,10 @@ class Node:
             pending_instances=self.queue.pending_instances(),
             **{f"jobs_{k}": v for k, v in self.queue.job_counts().items()},
         )
+        _, self.port = self.scp.start()  # first: a port in use stops the start here (ListenError)
         self.exporter.start()
         for worker in self.workers:
             worker.start()
-        _, self.port = self.scp.start()
         return self.port
 
     def adopt_orphans(self) -> int:

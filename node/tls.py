@@ -14,10 +14,8 @@ Loading problems (unreadable file, key that does not match its certificate) are 
 
 from __future__ import annotations
 
-import socket
 import ssl
 from pathlib import Path
-from typing import Any
 
 from node.config import Config, TLSConfig
 from node.errors import ConfigError, ConfigProblem
@@ -38,32 +36,14 @@ BCP195_CIPHERS = ":".join(
 """TLS 1.2 cipher suites of BCP 195 (RFC 7525 §4.2); TLS 1.3 suites are set by OpenSSL."""
 
 
-class _ServerContext(ssl.SSLContext):
-    """A server context whose handshake cannot hold the accept loop for ever.
-
-    pynetdicom wraps each accepted socket in its (single) accept thread, and the accepted
-    socket blocks without a timeout: a peer that connects and never sends a ClientHello would
-    stop every other association. The handshake here is bounded by ``handshake_timeout``.
-    """
-
-    handshake_timeout: float = 10.0
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        previous = sock.gettimeout()
-        sock.settimeout(self.handshake_timeout)
-        wrapped = super().wrap_socket(sock, *args, **kwargs)
-        wrapped.settimeout(previous)
-        return wrapped
-
-
 def server_context(config: Config) -> ssl.SSLContext | None:
-    """The SSL context of the Storage SCP, or None when ``[tls] enabled`` is false."""
+    """The SSL context of the Storage SCP, or None when ``[tls] enabled`` is false. The
+    listener (``node.listener``) performs each handshake in the connection's own thread,
+    bounded by ``[node] idle_timeout_seconds``."""
     tls = config.tls
     if not tls.enabled:
         return None
-    context = _base(ssl.PROTOCOL_TLS_SERVER, _ServerContext)
-    assert isinstance(context, _ServerContext)
-    context.handshake_timeout = config.node.network_timeout_seconds
+    context = _base(ssl.PROTOCOL_TLS_SERVER)
     _load_chain(context, tls, config.source)
     if tls.ca_certificates is not None:
         _load_ca(context, tls.ca_certificates, config.source)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +233,18 @@ def test_export_association_over_tls(
             assert caught.value.retryable
     finally:
         server.shutdown()
+
+
+def test_silent_sockets_do_not_block_a_tls_node(
+    scp: int, pki: dict[str, Pair], tmp_path: Path
+) -> None:
+    """200 TCP connections that never send a ClientHello: a trusted client still associates,
+    at once (the handshake runs in each connection's own thread, not the accept thread)."""
+    silent = [socket.create_connection(("127.0.0.1", scp), timeout=5) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        assert _echo(scp, _client(pki, tmp_path, "client"))
+        assert time.monotonic() - started < 5
+    finally:
+        for s in silent:
+            s.close()
