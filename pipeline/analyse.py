@@ -113,8 +113,7 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
         findings: list[Finding] = [
             f for r in recognised if (f := make_finding(r, pre, lungs, config, boxes)) is not None
         ]
-        if boxes is not None:
-            findings = suppress_coinciding(findings)
+        findings = suppress_coinciding(findings)
         lung_mask = (
             np.asarray(resize_nearest(lungs.mask, pre.input_shape), dtype=bool)
             if lungs.found

@@ -110,12 +110,14 @@ def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
 
 
 def suppress_coinciding(findings: list[Finding]) -> list[Finding]:
-    """S700 with a box head: two regions of one lesion get (nearly) the same predicted box;
-    of findings of one group whose boxes overlap with IoU > 0.5 only the most probable one
-    stays (as S600 does for regions)."""
+    """S700: one finding per lesion. Two regions of one lesion can get (nearly) the same box
+    (a box head predicts the lesion's box from each), and one lesion can be read by both
+    finding channels (an opacity and a mass over the same region); of findings whose boxes
+    overlap with IoU > 0.5, whatever their group, only the most probable one stays (as S600
+    does for regions)."""
     keep: list[Finding] = []
     for f in sorted(findings, key=lambda f: f.probability, reverse=True):
-        if not any(k.group is f.group and _box_iou(k.box, f.box) > _NMS_IOU for k in keep):
+        if not any(_box_iou(k.box, f.box) > _NMS_IOU for k in keep):
             keep.append(f)
     return keep
 

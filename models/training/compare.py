@@ -41,6 +41,9 @@ GOAL_FIGURES = (
     "spot_ap50",
     "auroc_nih",
     "auroc_pooled",
+    "spot_auroc_jsrt",
+    "spot_sensitivity_jsrt",
+    "spot_auroc_nih_bbox",
 )
 """The issue's goal figures that the sweep run gives (sensitivity at 1 false positive per
 image, AP50 at IoU 0.5, image-level AUROC of abnormal against normal studies)."""
@@ -74,6 +77,11 @@ def goal_figures(records: Sequence[Record], sweep: Sequence[Analysed]) -> dict[s
         "spot_ap50": spot["ap50"],
         "auroc_nih": s["image_auroc_nih"],
         "auroc_pooled": s["image_auroc"],
+        "spot_auroc_jsrt": s["spot_by_source"].get("jsrt", {}).get("auroc", math.nan),
+        "spot_sensitivity_jsrt": s["spot_by_source"]
+        .get("jsrt", {})
+        .get("sensitivity_at_1fp", math.nan),
+        "spot_auroc_nih_bbox": s["spot_by_source"].get("nih-cxr14-bbox", {}).get("auroc", math.nan),
     }
 
 
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m models.training.compare", description=__doc__.split("\n")[0]
     )
     parser.add_argument("data_dir", type=Path)
-    parser.add_argument("--split", choices=("val", "train", "all"), default="val")
+    parser.add_argument("--split", choices=("val", "train", "test", "all"), default="val")
     parser.add_argument("--model-dir", type=Path, action="append", required=True, help="A, then B")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)

@@ -425,10 +425,10 @@ def test_s700_extent_scale_shrinks_and_grows_a_region_about_its_centre() -> None
     assert bounding_box(grown) == (0, 0, 12, 12) and grown.sum() == 12 * 12  # ends at 12.5
 
 
-def test_s700_findings_whose_boxes_coincide_keep_the_most_probable_per_group() -> None:
-    """With a box head two regions of one lesion can get nearly the same box: of same-group
-    findings overlapping at IoU > 0.5 the most probable stays; another group's finding on
-    the same box and a finding that overlaps less both stay."""
+def test_s700_one_finding_per_lesion_whatever_its_group() -> None:
+    """Two regions of one lesion (nearly the same box), or an opacity and a nodule over the
+    same region: of findings overlapping at IoU > 0.5 the most probable stays, whatever its
+    group; a finding that overlaps less stays."""
     from pipeline.recognition import suppress_coinciding
     from pipeline.result import Finding, FindingType
 
@@ -455,4 +455,6 @@ def test_s700_findings_whose_boxes_coincide_keep_the_most_probable_per_group() -
     spot = finding(FindingType.NODULE, 0.5, (10, 10, 50, 50))
     apart = finding(FindingType.OPACITY, 0.7, (35, 35, 75, 75))
     kept = suppress_coinciding([low, high, spot, apart])
-    assert kept == [high, apart, spot]
+    assert kept == [high, apart]
+    strong_spot = finding(FindingType.NODULE, 0.95, (11, 11, 51, 51))
+    assert suppress_coinciding([low, high, strong_spot, apart]) == [strong_spot, apart]
