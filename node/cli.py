@@ -154,7 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_config(args: argparse.Namespace, config: Config) -> int:
+    from node.analysis import Analyser  # loads the model exactly as serve does
+    from pipeline.errors import PipelineError
+
+    try:
+        analyser = Analyser(config.pipeline)
+    except PipelineError as exc:
+        print(f"{config.source}: pipeline.model_dir: {config.pipeline.model_dir}: {exc}")
+        print("  serve would refuse to start (or, with [node] require_model = false, queue")
+        print("  every job as waiting_for_pipeline)")
+        return 2
     print(f"{config.source}: OK")
+    model = analyser.model
+    print(f"  model {model.name} {model.version} from {config.pipeline.model_dir}")
     print(
         f"  node {config.node.ae_title} on {config.node.host}:{config.node.port}, "
         f"storage {config.node.storage}"

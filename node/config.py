@@ -83,6 +83,9 @@ class NodeSection:
     still cannot take more than this."""
     analysis_workers: int = 1
     """Worker threads that run the pipeline on queued studies."""
+    require_model: bool = True
+    """``serve`` refuses to start when the model cannot be loaded; false: it starts, receives,
+    and queues every job as ``waiting_for_pipeline`` until a node with a model runs them."""
 
     def __post_init__(self) -> None:
         _check_ae_title(self.ae_title, "ae_title")
@@ -290,10 +293,24 @@ def load_config(path: Path | str | None) -> Config:
     config = _build(Config, raw, "", where, problems)
     if config is None:  # a top-level value failed its own checks: report against defaults
         config = Config(source=where)
+    assert isinstance(config, Config)
+    config = _relative_to(config, path.parent, raw)
     problems.extend(_cross_checks(config, where))
     _raise_if(problems)
-    assert isinstance(config, Config)
     return config
+
+
+def _relative_to(config: Config, folder: Path, raw: dict[str, Any]) -> Config:
+    """A ``[pipeline] model_dir`` the file gives as a relative path is relative to the file's
+    folder, not to the working directory (``serve`` and ``check-config`` find the same
+    model wherever they are started from)."""
+    given = (
+        raw.get("pipeline", {}).get("model_dir") if isinstance(raw.get("pipeline"), dict) else None
+    )
+    if given is None or config.pipeline.model_dir.is_absolute():
+        return config
+    pipeline = dataclasses.replace(config.pipeline, model_dir=folder / config.pipeline.model_dir)
+    return dataclasses.replace(config, pipeline=pipeline)
 
 
 def _raise_if(problems: list[ConfigProblem]) -> None:

@@ -31,12 +31,16 @@ from node.retention import RetentionThread
 from node.scp import StorageSCP
 from node.spool import Spool, inspect
 from node.worker import AnalyseFile, PipelineHooks, Worker
-from pipeline.errors import PipelineError
+from pipeline.errors import ModelError, PipelineError
 from pipeline.result import AnalysisResult
 
 log = structlog.stdlib.get_logger("node.serve")
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class ModelUnavailable(ModelError):
+    """``serve`` with ``[node] require_model = true`` and no model it can load."""
 
 
 def load_analyser(config: Config) -> AnalyseFile | None:
@@ -157,18 +161,28 @@ def run(args: argparse.Namespace, config: Config) -> int:
     )
     stop = threading.Event()
 
+    received: list[int] = []
+
     def on_signal(signum: int, _: FrameType | None) -> None:
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        # Only set the flag: a handler that logged could interrupt the main thread's own
+        # write to stderr ("reentrant call") and raise before the flag was set.
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if not config.callers:
         log.warning("callers_unrestricted", detail="no [[callers]] listed: any AE may send")
+    analyse_file = load_analyser(config)
+    if analyse_file is None and config.node.require_model:
+        raise ModelUnavailable(
+            f"no usable model in {config.pipeline.model_dir} (see the pipeline_unavailable log "
+            "line); set [node] require_model = false to receive and queue without one"
+        )
     http = health.start(config)
     retention = RetentionThread(config)
     retention.start()
-    node = Node(config, analyse_file=load_analyser(config))
+    node = Node(config, analyse_file=analyse_file)
     port = node.start()
     log.info(
         "node_started",
@@ -184,6 +198,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     )
     while not stop.wait(0.5):
         pass
+    log.info("shutdown_requested", signal=signal.Signals(received[0]).name if received else None)
     started = time.monotonic()
     node.stop()
     retention.stop()

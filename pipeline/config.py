@@ -323,8 +323,9 @@ class GradingConfig:
 class PipelineConfig:
     """Settings of S100–S742, one sub-table per step of the method."""
 
-    model_dir: Path = field(default=Path("models"))
-    """Folder holding ``manifest.json`` and the ONNX model it names."""
+    model_dir: Path = field(default=Path(__file__).resolve().parents[1] / "models")
+    """Folder holding ``manifest.json`` and the ONNX model it names (default: the project's
+    ``models/``; a relative path in a config file is relative to that file's folder)."""
 
     alert_grade: int = 3
     """S741: a finding whose grade is at least this raises an alert."""

@@ -28,6 +28,7 @@ TERMINAL = {"waiting_for_pipeline", "done", "failed"}
 
 def _write_config(folder: Path, *, quiet: float, model_dir: Path | None = None) -> Path:
     """A config on ``folder``; without ``model_dir`` it names an empty folder (no pipeline)."""
+    require = "true" if model_dir else "false"
     model_dir = model_dir or folder / "no-model"
     path = folder / "shadowspot.toml"
     path.write_text(
@@ -38,6 +39,7 @@ port = 0
 storage = "{folder / "var"}"
 study_quiet_seconds = {quiet}
 min_free_mb = 1
+require_model = {require}
 [http]
 enabled = false
 [logging]
@@ -207,7 +209,7 @@ def test_check_config_lists_every_problem(tmp_path: Path) -> None:
     assert done.returncode == 2
     for expected in ("node.port", "node.ae_titel", "unknown key", "callers[1].ae_title", str(bad)):
         assert expected in done.stderr
-    good = _write_config(tmp_path, quiet=1.0)
+    good = _write_config(tmp_path, quiet=1.0, model_dir=Path(__file__).parents[2] / "models")
     done = subprocess.run(
         [str(SHADOWSPOT), "check-config", "--config", str(good)],
         capture_output=True,
