@@ -35,6 +35,12 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+	@# The tests start Orthanc themselves; Debian's package enables a system service too.
+	@if command -v systemctl >/dev/null && systemctl is-enabled orthanc >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO systemctl disable --now orthanc >/dev/null 2>&1 && \
+	  echo "system-deps: disabled the orthanc.service that Debian's package enabled"; \
+	fi
 
 check: venv
 	$(BIN)/ruff check node pipeline tests bench models/training

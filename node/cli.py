@@ -34,6 +34,7 @@ Without --config, config/shadowspot.toml is used if it exists, else the embedded
 def _resolve_config(path: Path | None) -> Config:
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
+        print(f"shadowspot: using {path} (no --config given)", file=sys.stderr)
     return load_config(path)
 
 
@@ -193,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `shadowspot deliveries --json | head`: the reader left
+        sys.stderr.close()
+        return 0
     return code
 
 

@@ -24,6 +24,8 @@ from models.training.boxhead import (  # noqa: E402
 )
 from models.training.net import UNet  # noqa: E402
 
+pytestmark = pytest.mark.training
+
 SIZE = 64
 WIDTHS = (8, 16, 24, 32, 48)
 

@@ -13,6 +13,8 @@ from models.training.compare import GOAL_FIGURES, compare, draws, main
 from models.training.dataset import Record
 from tests.model.test_metrics import _hit_and_miss
 
+pytestmark = pytest.mark.training
+
 
 def _record(i: int, source: str, patient: str) -> Record:
     return Record(

@@ -17,6 +17,8 @@ from pipeline.model import load_model
 from pipeline.result import SourceImage
 from tests.pipeline.tiny_model import build_tiny_model
 
+pytestmark = pytest.mark.training
+
 SIZE = 64
 WEIGHTS = ["spot=1,0", "shadow=0.25,0.75", "lung=1,0", "boxes=0.5,0.5"]
 

@@ -14,6 +14,8 @@ import pytest
 from models.training import metrics as M
 from models.training.dataset import Lesion, Record
 
+pytestmark = pytest.mark.training
+
 LESIONS = {0: [(0.0, 0.0, 10.0, 10.0)], 1: [(50.0, 50.0, 60.0, 60.0)], 2: []}
 
 

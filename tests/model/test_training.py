@@ -16,6 +16,8 @@ from models.training.export import FILE, export_onnx, sha256_of, write_manifest 
 from models.training.net import UNet  # noqa: E402
 from models.training.train import train_step  # noqa: E402
 
+pytestmark = pytest.mark.training
+
 SIZE = 64
 
 
