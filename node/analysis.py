@@ -17,7 +17,7 @@ import structlog
 from pydicom.errors import InvalidDicomError
 
 from node import metrics
-from node.decode import DecodeError, decode
+from node.decode import MAX_PIXELS, DecodeError, decode
 from pipeline import analyse, load_model
 from pipeline.config import PipelineConfig
 from pipeline.model import LesionModel
@@ -29,8 +29,15 @@ log = structlog.get_logger(__name__)
 class Analyser:
     """Runs the pipeline with one model loaded for the life of the process."""
 
-    def __init__(self, config: PipelineConfig, *, model: LesionModel | None = None) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        model: LesionModel | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
         self.config = config
+        self.max_pixels = max_pixels
         self.model = (
             model if model is not None else load_model(config.model_dir, threads=config.threads)
         )
@@ -49,7 +56,7 @@ class Analyser:
     def analyse_dataset(self, ds: pydicom.Dataset) -> AnalysisResult:
         """Decode ``ds`` and analyse it; decode failures raise ``DecodeError``."""
         start = time.perf_counter()
-        image = decode(ds)
+        image = decode(ds, max_pixels=self.max_pixels)
         decode_ms = round((time.perf_counter() - start) * 1000.0, 2)
         result = self.analyse_image(image)
         timings = {"decode": decode_ms, **result.timings_ms}

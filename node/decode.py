@@ -18,6 +18,7 @@ import pydicom
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 
+from node.config import Config
 from node.errors import NodeError
 from pipeline.errors import InputImageError
 from pipeline.result import Photometric, SourceImage
@@ -104,50 +105,110 @@ _SOF = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
 """JPEG start-of-frame markers (and JPEG-LS SOF55); not DHT, JPG or DAC."""
 
 
+MAX_PIXELS = 100_000_000
+"""Pixel budget of one image (rows × columns × frames × samples): ``[node]
+max_decoded_megapixels``. A larger declared size, in the header or in any compressed frame,
+is refused before a decoder runs."""
+
+
+def max_pixels(config: Config) -> int:
+    """The pixel budget ``[node] max_decoded_megapixels`` sets."""
+    return int(config.node.max_decoded_megapixels * 1_000_000)
+
+
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+"""JPEG markers without a length: TEM, RST0–7, SOI."""
+_SOS, _EOI = 0xDA, 0xD9
+
+
+def _jpeg_frame_header(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) of a JPEG or JPEG-LS frame header (SOFn, SOF55), walking the markers
+    from SOI: any number of 0xFF fill bytes may precede a marker code (ITU T.81 B.1.1.2),
+    standalone markers have no length; the frame header must come before the first scan."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at < len(frame):
+        if frame[at] != 0xFF:
+            return None
+        while at < len(frame) and frame[at] == 0xFF:  # fill bytes
+            at += 1
+        if at >= len(frame):
+            return None
+        code = frame[at]
+        at += 1
+        if code in _STANDALONE:
+            continue
+        if code in (_SOS, _EOI) or at + 2 > len(frame):
+            return None
+        (length,) = struct.unpack(">H", frame[at : at + 2])
+        if code in _SOF:
+            if length < 8 or at + 7 > len(frame):
+                return None
+            rows, columns = struct.unpack(">HH", frame[at + 3 : at + 7])
+            return rows, columns
+        if length < 2:
+            return None
+        at += length
+    return None
+
+
 def _declared_size(frame: bytes, transfer_syntax: str) -> tuple[int, int] | None:
-    """(rows, columns) that a JPEG 2000 SIZ or JPEG/JPEG-LS SOF marker declares, if found."""
+    """(rows, columns) that a JPEG 2000 SIZ (raw codestream or inside a JP2 box) or a
+    JPEG/JPEG-LS frame header declares; None when the frame has none that can be read."""
     if transfer_syntax in _JPEG_2000:
         at = frame.find(_SOC_SIZ)
         if at < 0 or len(frame) < at + 24:
             return None
         xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[at + 8 : at + 24])
+        if x0 > xsiz or y0 > ysiz:
+            return None
         return ysiz - y0, xsiz - x0
-    at = 2  # after SOI
-    while at + 9 <= len(frame) and frame[at] == 0xFF:
-        if frame[at + 1] in _SOF:
-            rows, columns = struct.unpack(">HH", frame[at + 5 : at + 9])
-            return rows, columns
-        at += 2 + struct.unpack(">H", frame[at + 2 : at + 4])[0]
-    return None
+    return _jpeg_frame_header(frame)
 
 
-def _check_codestreams(ds: pydicom.Dataset) -> None:
-    """Refuse compressed frames whose codestream declares another size than Rows × Columns.
+def _check_budget(rows: int, columns: int, frames: int, samples: int, max_pixels: int) -> None:
+    total = rows * columns * frames * samples
+    if total > max_pixels:
+        raise DecodeError(
+            f"the image declares {rows}×{columns} pixels × {frames} frame(s) × {samples} "
+            f"sample(s), over the {max_pixels / 1e6:g} Mpixel budget"
+        )
+
+
+def _check_codestreams(ds: pydicom.Dataset, max_pixels: int) -> None:
+    """Refuse an image over the pixel budget, and compressed frames whose codestream declares
+    another size than Rows × Columns or no readable size at all.
 
     The decoders allocate what the codestream declares (JPEG 2000 SIZ, JPEG SOF marker) before
-    pydicom can compare it with the header: a few hundred bytes claiming 30000² pixels would
-    take gigabytes.
+    pydicom can compare it with the header: a few hundred bytes claiming 65000² pixels would
+    take gigabytes. Each frame is parsed before any decoder sees it.
     """
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DecodeError("the image has no usable Rows, Columns or Number of Frames") from exc
+    _check_budget(rows, columns, frames, samples, max_pixels)
     meta = getattr(ds, "file_meta", None)
     syntax = "" if meta is None else str(meta.get("TransferSyntaxUID", ""))
     if syntax not in _JPEG_2000 and syntax not in _JPEG:
         return
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        return  # no usable geometry: the decoder reports that
-    for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+    for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
         declared = _declared_size(frame, syntax)
-        if declared is not None and declared != (rows, columns):
+        if declared is None:
+            raise DecodeError(f"compressed frame {number} has no readable frame header")
+        _check_budget(*declared, 1, samples, max_pixels)
+        if declared != (rows, columns):
             raise DecodeError(
-                f"a compressed frame declares {declared[0]}×{declared[1]} pixels, "
+                f"compressed frame {number} declares {declared[0]}×{declared[1]} pixels, "
                 f"the header {rows}×{columns}"
             )
 
 
-def _pixels(ds: pydicom.Dataset, photometric: str) -> np.ndarray[Any, Any]:
-    _check_codestreams(ds)
+def _pixels(ds: pydicom.Dataset, photometric: str, max_pixels: int) -> np.ndarray[Any, Any]:
+    _check_codestreams(ds, max_pixels)
     try:
         if photometric == "PALETTE COLOR":
             from pydicom.pixels.processing import apply_color_lut
@@ -164,15 +225,16 @@ def _pixels(ds: pydicom.Dataset, photometric: str) -> np.ndarray[Any, Any]:
     return np.asarray(pixels)
 
 
-def decode(ds: pydicom.Dataset) -> SourceImage:
-    """Build the pipeline's ``SourceImage`` from a DICOM dataset with pixel data."""
+def decode(ds: pydicom.Dataset, *, max_pixels: int = MAX_PIXELS) -> SourceImage:
+    """Build the pipeline's ``SourceImage`` from a DICOM dataset with pixel data, refusing
+    (``DecodeError``) an image over ``max_pixels`` before any decoder runs."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DecodeError("the dataset has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     kind = _PHOTOMETRIC.get(photometric)
     if kind is None:
         raise DecodeError(f"unsupported photometric interpretation {photometric!r}")
-    pixels = _pixels(ds, photometric)
+    pixels = _pixels(ds, photometric, max_pixels)
     slope = _float(ds.get("RescaleSlope"))
     intercept = _float(ds.get("RescaleIntercept"))
     bits = ds.get("BitsStored")

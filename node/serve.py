@@ -47,9 +47,10 @@ def load_analyser(config: Config) -> AnalyseFile | None:
     """The pipeline's ``analyse_file`` with the model loaded once, or None (logged) when the
     model cannot be loaded: the node still receives, and jobs wait for a pipeline."""
     from node.analysis import Analyser  # imports onnxruntime and SimpleITK: only for serve
+    from node.decode import max_pixels
 
     try:
-        return Analyser(config.pipeline).analyse_file
+        return Analyser(config.pipeline, max_pixels=max_pixels(config)).analyse_file
     except PipelineError as exc:
         log.error("pipeline_unavailable", reason=str(exc), model_dir=str(config.pipeline.model_dir))
         metrics.record_error("pipeline_unavailable")
