@@ -4,14 +4,17 @@ Our own events and the stdlib records of pynetdicom and pydicom go through the s
 ``ProcessorFormatter``, so every line is JSON (default) or human console, with the context
 bound by the code that emits it: calling AE and peer per association (bound in the
 ``EVT_ESTABLISHED`` handler, on the association's thread), study and instance UIDs per C-STORE
-and per job. Tracebacks never show local variables (they would carry patient data), and keys
-that name patient data are dropped as a last safety net.
+and per job. Tracebacks never show local variables (they would carry patient data), keys
+that name patient data are dropped as a last safety net, and quoted values in exception
+texts and third-party messages are redacted (``scrub``): pydicom and highdicom quote the
+values they refuse.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +48,52 @@ def _drop_patient_data(_: WrappedLogger, __: str, event_dict: EventDict) -> Even
     return event_dict
 
 
+_QUOTED = re.compile(r"""(?P<q>['"])(?P<v>(?:(?!(?P=q)).){1,512}?)(?P=q)""")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+REDACTED = "<redacted>"
+
+
+def scrub(text: str) -> str:
+    """``text`` with every quoted value replaced by ``<redacted>``, UIDs kept.
+
+    Exception messages of pydicom and highdicom quote the value they refuse ("Unable to
+    convert 'X' to 'DA' object", "Invalid value for VR CS: 'X'"): that value may be a
+    patient's name, ID, birth date or sex. The log and the database get the message without it.
+    """
+
+    def redact(match: re.Match[str]) -> str:
+        value = match.group("v")
+        if _UID.match(value) or value in ("DA", "TM", "DT", "CS", "PN", "LO", "SH", "AS"):
+            return match.group(0)
+        return f"{match.group('q')}{REDACTED}{match.group('q')}"
+
+    return _QUOTED.sub(redact, text)
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+_SCRUBBED_KEYS = frozenset({"exception", "error", "reason", "exc_value", "detail"})
+
+
+def _scrub_values(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Scrub the rendered exception and the free-text fields of every line, and the whole
+    message of a third-party logger (pydicom, highdicom, pynetdicom): their text may quote a
+    patient's values."""
+    foreign = not str(event_dict.get("logger", "")).startswith(("node", "pipeline", "models"))
+    for key in list(event_dict):
+        if key in _SCRUBBED_KEYS or (foreign and key == "event"):
+            event_dict[key] = _scrubbed(event_dict[key])
+    return event_dict
+
+
 def _shared_processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -64,8 +113,10 @@ def _formatter(fmt: LogFormat) -> logging.Formatter:
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             )
         )
+        tail.append(_scrub_values)
         renderer = structlog.processors.JSONRenderer()
     else:
+        tail += [structlog.processors.format_exc_info, _scrub_values]
         renderer = structlog.dev.ConsoleRenderer(
             colors=False, exception_formatter=structlog.dev.plain_traceback
         )

@@ -317,13 +317,28 @@ class Queue(SqliteStore):
         Returns (requeued, failed).
         """
         now = time.time()
+        reason = f"interrupted {self.max_attempts} times"
         with self._transaction() as db:
+            # Their unfinished instances fail with them, with the reason (never left queued).
+            db.execute(
+                "UPDATE instances SET state = ?, reason = ? WHERE state NOT IN (?, ?, ?) "
+                "AND job_id IN (SELECT id FROM jobs WHERE state = ? AND attempts >= ?)",
+                (
+                    InstanceState.FAILED,
+                    f"job {reason}",
+                    InstanceState.ANALYSED,
+                    InstanceState.SKIPPED,
+                    InstanceState.FAILED,
+                    JobState.RUNNING,
+                    self.max_attempts,
+                ),
+            )
             failed = db.execute(
                 "UPDATE jobs SET state = ?, reason = ?, updated_at = ? "
                 "WHERE state = ? AND attempts >= ?",
                 (
                     JobState.FAILED,
-                    f"interrupted {self.max_attempts} times",
+                    reason,
                     now,
                     JobState.RUNNING,
                     self.max_attempts,

@@ -25,6 +25,7 @@ import structlog
 from pydicom import Dataset, uid
 
 from node import metrics
+from node.logs import scrub
 from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
 from pipeline.errors import InputImageError, ModelError
 from pipeline.result import AnalysisResult
@@ -160,6 +161,11 @@ class Worker(threading.Thread):
             log.warning("study_waiting_for_pipeline", reason=waiting_reason, ms=ms, **outcomes)
             return JobState.WAITING_FOR_PIPELINE
         summary = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+        failed = outcomes[InstanceState.FAILED.value] + outcomes["already_failed"]
+        if failed:  # done only when every result the job owes was written
+            self._queue.finish_job(job.id, JobState.FAILED, summary)
+            log.warning("study_failed", ms=ms, **outcomes)
+            return JobState.FAILED
         self._queue.finish_job(job.id, JobState.DONE, summary)
         log.info("study_processed", ms=ms, **outcomes)
         return JobState.DONE
@@ -182,7 +188,7 @@ class Worker(threading.Thread):
             metrics.record_error("pipeline_unavailable")
             return f"model unavailable: {exc}"
         except Exception as exc:  # part of the worker loop: record the failure, go on
-            failure = f"{type(exc).__name__}: {exc}"
+            failure = scrub(f"{type(exc).__name__}: {exc}")  # stored: no patient values
             metrics.record_error("instance_failed")
             self._queue.finish_instance(instance.sop_instance_uid, InstanceState.FAILED, failure)
             if isinstance(exc, InputImageError):

@@ -20,6 +20,7 @@ from node.encode.common import ObjectUIDs, Producer, ResultUIDs, check_source
 from node.encode.gsps import build_gsps
 from node.encode.sc import build_sc
 from node.encode.seg import build_seg
+from node.encode.source import is_grey, usable_source
 from node.encode.sr import build_sr
 from node.errors import EncodeError
 from node.logs import get_logger
@@ -67,8 +68,11 @@ def encode_results(
     """Build the objects for one image: always an SR; with findings also a SEG and (unless
     disabled) a GSPS; with ``burned_in`` (the rendered RGB picture) also a Secondary
     Capture, findings or not (left out, with a warning, when the source cannot have one).
-    Raises ``EncodeError`` when SEG, SR or GSPS cannot be built."""
+    Type 2 attributes the source lacks or gives invalid are written empty
+    (``source.usable_source``); a colour source gets no GSPS (a greyscale presentation state
+    cannot reference it), logged. Raises ``EncodeError`` when SEG or SR cannot be built."""
     check_source(source, result.shape)
+    source = usable_source(source)
     objects = [
         EncodedObject(
             kind=ObjectKind.SR,
@@ -84,7 +88,11 @@ def encode_results(
             segmentation_type=segmentation_type,
         )
         objects.insert(0, EncodedObject(kind=ObjectKind.SEG, dataset=seg))
-        if presentation_state:
+        if presentation_state and not is_grey(source):
+            get_logger("node.encode").warning(
+                "presentation_state_skipped", reason="the source image is not greyscale"
+            )
+        elif presentation_state:
             pr = build_gsps(source=source, result=result, uids=uids, producer=producer)
             objects.append(EncodedObject(kind=ObjectKind.PR, dataset=pr))
     if burned_in is not None:

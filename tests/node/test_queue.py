@@ -102,6 +102,9 @@ def test_recover_requeues_what_a_dead_process_left_running(tmp_path: Path) -> No
     assert again.recover() == (0, 1)
     (job,) = again.jobs()
     assert job.state is JobState.FAILED and job.reason == "interrupted 2 times"
+    # ...and its instances with it, with the reason: none is left queued for ever.
+    (instance,) = again.instances_of(job.id)
+    assert instance.state is InstanceState.FAILED and instance.reason == "job interrupted 2 times"
 
 
 def test_waiting_jobs_are_requeued_when_a_pipeline_exists(tmp_path: Path) -> None:

@@ -148,13 +148,16 @@ def test_without_a_pipeline_the_job_waits_and_nothing_is_faked(tmp_path: Path) -
 
 
 def test_with_hooks_each_chest_image_is_analysed_and_published_once(tmp_path: Path) -> None:
-    """Chest images are analysed and published, others skipped, bad input failed; done."""
+    """Chest images are analysed and published, others skipped, bad input failed; the job is
+    failed (not done: it owes a result it could not write), with the counts as its reason."""
     study = uid.generate_uid()
     good, lateral, bad = (make_image(study_uid=study) for _ in range(3))
     lateral.ViewPosition = "LL"
     recorder = Recorder(bad_input={bad.SOPInstanceUID})
     queue = _received(tmp_path, good, lateral, bad)
-    assert _run_one(queue, recorder.hooks()) is JobState.DONE
+    assert _run_one(queue, recorder.hooks()) is JobState.FAILED
+    (job,) = queue.jobs()
+    assert job.reason == "1 analysed, 1 failed, 1 skipped"
     states = {i.sop_instance_uid: i.state for i in queue.instances()}
     assert states == {
         good.SOPInstanceUID: InstanceState.ANALYSED,
