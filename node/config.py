@@ -78,9 +78,6 @@ class NodeSection:
     max_decoded_megapixels: float = 100.0
     """Pixel budget of one image (rows × columns × frames × samples, in millions): a larger
     declared size, in the header or in any compressed frame, is refused before decoding."""
-    decode_memory_mb: float = 2048.0
-    """Address-space limit of the decoding subprocess: a file whose size the parser misreads
-    still cannot take more than this."""
     analysis_workers: int = 1
     """Worker threads that run the pipeline on queued studies."""
     require_model: bool = True
@@ -102,8 +99,8 @@ class NodeSection:
             raise ValueError(
                 "max_associations_per_address must be at least 1, max_pending_connections 4"
             )
-        if min(self.max_store_mb, self.max_decoded_megapixels, self.decode_memory_mb) <= 0:
-            raise ValueError("max_store_mb, max_decoded_megapixels, decode_memory_mb: positive")
+        if min(self.max_store_mb, self.max_decoded_megapixels) <= 0:
+            raise ValueError("max_store_mb and max_decoded_megapixels must be positive")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,7 +3,7 @@
 # machine: PyTorch there, no ../shared), from the pack, for SECONDS of wall time, and put
 # what comes back in $OUT: each job's best.pt (weights, run state, data digest, metrics) and
 # a compact last checkpoint, and all logs in one file. Compare them here with
-# `train --export-best` + `evaluate` (README "Train").
+# `train --export-best` + `evaluate` (models/training/README.md).
 #
 #   sh models/training/device_jobs.sh SECONDS 'name args…' ['name args…' …]
 #

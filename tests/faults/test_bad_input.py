@@ -211,7 +211,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     (workdir / "tmp").mkdir()
     process = NodeProcess(
         workdir=workdir,
-        node={"study_quiet_seconds": 0.3, "network_timeout_seconds": 3.0},
+        node={
+            "study_quiet_seconds": 0.3,
+            "network_timeout_seconds": 3.0,
+            "idle_timeout_seconds": 3.0,
+        },
         env={"TMPDIR": str(workdir / "tmp")},
         address_space_limit=8_000_000_000,  # a bomb that gets through must not take the host
     )
@@ -353,8 +357,8 @@ RAW_PDUS: list[tuple[str, Callable[[], list[bytes]]]] = [
 def test_malformed_pdus_end_only_their_connection(
     node: NodeProcess, name: str, pdus: Callable[[], list[bytes]]
 ) -> None:
-    """Malformed PDUs: the node closes that connection within its network timeout and keeps
-    serving everyone else."""
+    """Malformed PDUs: the node closes that connection within its idle timeout (before the
+    A-ASSOCIATE-RQ) or its network timeout (after) and keeps serving everyone else."""
     with socket.create_connection(("127.0.0.1", node.port), timeout=5.0) as sock:
         for pdu in pdus():
             sock.sendall(pdu)
