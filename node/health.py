@@ -113,10 +113,15 @@ def _queue_depth(db_path: Path) -> int | None:
         connection.close()
 
 
+REQUEST_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS = 32
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "ShadowSpot"
     sys_version = ""
+    timeout = REQUEST_TIMEOUT_SECONDS  # a request not sent whole by then is dropped
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -147,11 +152,29 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """At most ``MAX_CONNECTIONS`` requests at once, each bounded by the handler's timeout:
+    half-sent requests can neither pile up threads nor hold the endpoint."""
+
     daemon_threads = True
+    request_queue_size = 128
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__((config.http.host, config.http.port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("http_request_refused", reason="too many open requests")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class HealthServer:

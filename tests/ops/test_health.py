@@ -158,3 +158,38 @@ def test_metrics_are_prometheus_text(tmp_path: Path) -> None:
 def test_http_listens_on_loopback_by_default() -> None:
     """The endpoint is not exposed to the network unless the site asks for it."""
     assert Config().http.host == "127.0.0.1"
+
+
+def test_half_sent_requests_are_dropped_and_do_not_hold_the_endpoint(
+    tmp_path: Path, model_loaded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 connections that send half a request: /health still answers, and each of them is
+    closed after the request timeout instead of holding a thread for ever."""
+    import socket
+    import threading
+    import time
+
+    from node import health
+
+    monkeypatch.setattr(health._Handler, "timeout", 1.0)
+    server = _serve(_config(tmp_path))
+    try:
+        host, port = server.address
+        before = threading.active_count()
+        half = []
+        for _ in range(300):
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+            half.append(s)
+        time.sleep(0.2)
+        assert threading.active_count() - before <= health.MAX_CONNECTIONS + 2
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and threading.active_count() - before > 2:
+            time.sleep(0.1)
+        assert threading.active_count() - before <= 2  # every half request timed out
+        status, _, _ = _get(server, "/health")
+        assert status == 200
+        for s in half:
+            s.close()
+    finally:
+        server.shutdown()
