@@ -80,6 +80,9 @@ class NodeSection:
     declared size, in the header or in any compressed frame, is refused before decoding."""
     analysis_workers: int = 1
     """Worker threads that run the pipeline on queued studies."""
+    min_patient_age_years: float = 18.0
+    """Images of younger patients (by Patient Age, or birth and study dates) are stored and not
+    analysed: the model was trained on adults only."""
     require_model: bool = True
     """``serve`` refuses to start when the model cannot be loaded; false: it starts, receives,
     and queues every job as ``waiting_for_pipeline`` until a node with a model runs them."""

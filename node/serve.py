@@ -81,7 +81,13 @@ class Node:
         self.scp = StorageSCP(config, spool=self.spool, queue=self.queue)
         self._stop = threading.Event()
         self.workers = [
-            Worker(self.queue, self.hooks, stop=self._stop, name=f"worker-{i + 1}")
+            Worker(
+                self.queue,
+                self.hooks,
+                stop=self._stop,
+                name=f"worker-{i + 1}",
+                min_age_years=config.node.min_patient_age_years,
+            )
             for i in range(config.node.analysis_workers)
         ]
 

@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import pydicom
+import pydicom.errors
 import structlog
 from pydicom import Dataset, uid
 
 from node import metrics
 from node.logs import scrub
 from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
+from node.scope import out_of_scope
 from pipeline.errors import InputImageError, ModelError
 from pipeline.result import AnalysisResult
 
@@ -100,8 +103,10 @@ class Worker(threading.Thread):
         stop: threading.Event,
         name: str = "worker-1",
         poll_seconds: float = 0.2,
+        min_age_years: float = 18.0,
     ) -> None:
         super().__init__(name=name, daemon=True)
+        self._min_age = min_age_years
         self._queue = queue
         self._hooks = hooks
         self._stop_event = stop
@@ -170,9 +175,17 @@ class Worker(threading.Thread):
         log.info("study_processed", ms=ms, **outcomes)
         return JobState.DONE
 
+    def _out_of_scope(self, instance: Instance) -> str | None:
+        """``node.scope``'s checks on the stored file's header (without its pixels)."""
+        try:
+            ds = pydicom.dcmread(instance.path, stop_before_pixels=True)
+        except (OSError, ValueError, EOFError, pydicom.errors.InvalidDicomError):
+            return None  # the analysis reports an unreadable file as it is
+        return out_of_scope(ds, min_age_years=self._min_age)
+
     def _instance(self, job: Job, instance: Instance) -> InstanceState | str:
         """Process one instance; returns its final state, or why it must wait for a pipeline."""
-        reason = not_analysed_because(instance.header)
+        reason = not_analysed_because(instance.header) or self._out_of_scope(instance)
         if reason is not None:
             self._queue.finish_instance(instance.sop_instance_uid, InstanceState.SKIPPED, reason)
             log.info("instance_skipped", reason=reason)

@@ -223,3 +223,33 @@ def test_worker_thread_releases_its_job_when_stopped(tmp_path: Path) -> None:
     (job,) = queue.jobs()
     assert job.state is JobState.QUEUED
     assert [i.state for i in queue.instances()].count(InstanceState.ANALYSED) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"PatientAge": "010Y"}, "younger than 18"),
+        ({"PatientAge": "", "PatientBirthDate": "20200101", "StudyDate": "20261201"}, "younger"),
+        ({"Manufacturer": "ShadowSpot"}, "own result objects"),
+        ({"SeriesNumber": 9104}, "own result series (9104)"),
+    ],
+)
+def test_children_and_our_own_objects_are_stored_not_analysed(
+    tmp_path: Path, change: dict[str, object], reason: str
+) -> None:
+    """Scope: the model is for adults' chests; a PACS that forwards our results back does not
+    get them analysed again. The reason names the rule, never the patient's value."""
+    study = uid.generate_uid()
+    adult, other = make_image(study_uid=study), make_image(study_uid=study)
+    adult.PatientAge = "045Y"
+    for keyword, value in change.items():
+        setattr(other, keyword, value)
+    recorder = Recorder()
+    queue = _received(tmp_path, adult, other)
+    _run_one(queue, recorder.hooks())
+    states = {i.sop_instance_uid: i for i in queue.instances()}
+    assert states[adult.SOPInstanceUID].state is InstanceState.ANALYSED
+    skipped = states[other.SOPInstanceUID]
+    assert skipped.state is InstanceState.SKIPPED and reason in (skipped.reason or "")
+    assert "010" not in (skipped.reason or "") and "2020" not in (skipped.reason or "")
+    assert recorder.analysed == [adult.SOPInstanceUID]
