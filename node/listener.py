@@ -138,11 +138,16 @@ def await_request(
             raise Dropped("idle_timeout") from exc
         except (ssl.SSLError, OSError) as exc:
             raise Dropped(f"tls_handshake_failed: {getattr(exc, 'reason', None) or exc}") from exc
-    header = _read_exactly(sock, 6, deadline)
-    pdu_type, _, length = struct.unpack(">BBL", header)
-    if pdu_type != A_ASSOCIATE_RQ or length > MAX_ASSOCIATE_RQ_BYTES:
-        raise Dropped(f"not_an_associate_request: PDU type 0x{pdu_type:02X}, {length} bytes")
-    return sock, header + _read_exactly(sock, length, deadline)
+    try:
+        header = _read_exactly(sock, 6, deadline)
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type != A_ASSOCIATE_RQ or length > MAX_ASSOCIATE_RQ_BYTES:
+            raise Dropped(f"not_an_associate_request: PDU type 0x{pdu_type:02X}, {length} bytes")
+        return sock, header + _read_exactly(sock, length, deadline)
+    except Dropped:
+        if context is not None:
+            sock.close()  # the TLS socket holds the connection now, not the accepted one
+        raise
 
 
 class GuardedSocket(AssociationSocket):
