@@ -5,22 +5,27 @@ Our own events and the stdlib records of pynetdicom and pydicom go through the s
 bound by the code that emits it: calling AE and peer per association (bound in the
 ``EVT_ESTABLISHED`` handler, on the association's thread), study and instance UIDs per C-STORE
 and per job. Tracebacks never show local variables (they would carry patient data), keys
-that name patient data are dropped as a last safety net, and quoted values in exception
-texts and third-party messages are redacted (``scrub``): pydicom and highdicom quote the
-values they refuse.
+that name patient data are dropped as a last safety net, and no line carries a patient's
+value (``node.scrub``): the values of the instance being processed are removed from every
+field, and quoted values from exception texts, free-text fields and third-party messages
+(pydicom and highdicom quote the values they refuse). Python warnings (pydicom warns about
+invalid values, quoting them) go through the same handlers instead of raw to stderr.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
-import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
+
+from node.scrub import REDACTED, scrub, scrub_quoted, scrub_values
+
+__all__ = ["REDACTED", "configure_logging", "get_logger", "scrub"]
 
 LogFormat = Literal["json", "console"]
 LOG_FILE_NAME = "shadowspot.log"
@@ -48,49 +53,32 @@ def _drop_patient_data(_: WrappedLogger, __: str, event_dict: EventDict) -> Even
     return event_dict
 
 
-_QUOTED = re.compile(r"""(?P<q>['"])(?P<v>(?:(?!(?P=q)).){1,512}?)(?P=q)""")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-REDACTED = "<redacted>"
-
-
-def scrub(text: str) -> str:
-    """``text`` with every quoted value replaced by ``<redacted>``, UIDs kept.
-
-    Exception messages of pydicom and highdicom quote the value they refuse ("Unable to
-    convert 'X' to 'DA' object", "Invalid value for VR CS: 'X'"): that value may be a
-    patient's name, ID, birth date or sex. The log and the database get the message without it.
-    """
-
-    def redact(match: re.Match[str]) -> str:
-        value = match.group("v")
-        if _UID.match(value) or value in ("DA", "TM", "DT", "CS", "PN", "LO", "SH", "AS"):
-            return match.group(0)
-        return f"{match.group('q')}{REDACTED}{match.group('q')}"
-
-    return _QUOTED.sub(redact, text)
-
-
-def _scrubbed(value: Any) -> Any:
+def _scrubbed(value: Any, *, quoted: bool) -> Any:
     if isinstance(value, str):
-        return scrub(value)
+        text = scrub_values(value)
+        return scrub_quoted(text) if quoted else text
     if isinstance(value, dict):
-        return {k: _scrubbed(v) for k, v in value.items()}
+        return {k: _scrubbed(v, quoted=quoted) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_scrubbed(v) for v in value]
+        return [_scrubbed(v, quoted=quoted) for v in value]
     return value
 
 
-_SCRUBBED_KEYS = frozenset({"exception", "error", "reason", "exc_value", "detail"})
+_FREE_TEXT_KEYS = frozenset({"exception", "error", "reason", "exc_value", "detail"})
+_STRUCTURAL_KEYS = frozenset({"timestamp", "level", "logger"})
 
 
-def _scrub_values(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Scrub the rendered exception and the free-text fields of every line, and the whole
-    message of a third-party logger (pydicom, highdicom, pynetdicom): their text may quote a
-    patient's values."""
+def _scrub_patient_values(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Every field of every line loses the patient values ``node.scrub.protecting`` protects
+    (the instance being processed); the rendered exception, the free-text fields and the
+    whole message of a third-party logger (pydicom, highdicom, pynetdicom, Python warnings)
+    also lose any quoted value, which their texts use for the values they refuse."""
     foreign = not str(event_dict.get("logger", "")).startswith(("node", "pipeline", "models"))
     for key in list(event_dict):
-        if key in _SCRUBBED_KEYS or (foreign and key == "event"):
-            event_dict[key] = _scrubbed(event_dict[key])
+        if key in _STRUCTURAL_KEYS:
+            continue
+        quoted = key in _FREE_TEXT_KEYS or (foreign and key == "event")
+        event_dict[key] = _scrubbed(event_dict[key], quoted=quoted)
     return event_dict
 
 
@@ -113,10 +101,11 @@ def _formatter(fmt: LogFormat) -> logging.Formatter:
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             )
         )
-        tail.append(_scrub_values)
+        tail.append(_scrub_patient_values)
         renderer = structlog.processors.JSONRenderer()
     else:
-        tail += [structlog.processors.format_exc_info, _scrub_values]
+        # The traceback is rendered to text here, before scrubbing, not by the renderer after it.
+        tail += [structlog.processors.format_exc_info, _scrub_patient_values]
         renderer = structlog.dev.ConsoleRenderer(
             colors=False, exception_formatter=structlog.dev.plain_traceback
         )
@@ -167,8 +156,11 @@ def configure_logging(
     root.setLevel(numeric)
     # pynetdicom narrates every PDU at INFO/DEBUG; keep its warnings and errors unless debugging.
     third_party = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
-    for name in ("pynetdicom", "pydicom"):
+    # highdicom narrates each attribute module it copies at INFO; keep its warnings, too.
+    for name in ("pynetdicom", "pydicom", "highdicom"):
         logging.getLogger(name).setLevel(third_party)
+    # Warnings (pydicom's quote the invalid values) become log records, scrubbed like the rest.
+    logging.captureWarnings(True)
     return log_file
 
 

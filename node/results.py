@@ -32,6 +32,7 @@ from node.analyze import render
 from node.config import Config
 from node.deliveries import DeliveryStore, NewDelivery
 from node.encode import EncodedObject, ObjectKind, Producer, encode_results
+from node.encode.source import check_type_1
 from node.errors import EncodeError
 from node.logs import get_logger
 from pipeline.result import AnalysisResult
@@ -99,7 +100,10 @@ def publish(
     alerts: AlertNotifier | None = None,
     wake: Callable[[str], None] | None = None,
 ) -> Published:
-    """Encode, store and queue the result objects of one analysed source instance."""
+    """Encode, store and queue the result objects of one analysed source instance.
+    ``EncodeError`` when a result the source owes (SEG with findings, SR) cannot be built,
+    or the source lacks a Type 1 UID every result needs."""
+    check_type_1(source)
     study_uid = str(source.StudyInstanceUID)
     source_uid = str(source.SOPInstanceUID)
     log = get_logger("node.results", study_instance_uid=study_uid, sop_instance_uid=source_uid)

@@ -27,9 +27,9 @@ import structlog
 from pydicom import Dataset, uid
 
 from node import metrics
-from node.logs import scrub
 from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
 from node.scope import out_of_scope
+from node.scrub import patient_values, protecting, scrub
 from pipeline.errors import InputImageError, ModelError
 from pipeline.result import AnalysisResult
 
@@ -175,17 +175,31 @@ class Worker(threading.Thread):
         log.info("study_processed", ms=ms, **outcomes)
         return JobState.DONE
 
-    def _out_of_scope(self, instance: Instance) -> str | None:
-        """``node.scope``'s checks on the stored file's header (without its pixels)."""
+    def _stored_header(self, instance: Instance) -> Dataset | None:
+        """The stored file's header (without its pixels); None when it cannot be read (the
+        analysis then reports the file as it is)."""
         try:
-            ds = pydicom.dcmread(instance.path, stop_before_pixels=True)
+            return pydicom.dcmread(instance.path, stop_before_pixels=True)
         except (OSError, ValueError, EOFError, pydicom.errors.InvalidDicomError):
-            return None  # the analysis reports an unreadable file as it is
-        return out_of_scope(ds, min_age_years=self._min_age)
+            return None
 
     def _instance(self, job: Job, instance: Instance) -> InstanceState | str:
-        """Process one instance; returns its final state, or why it must wait for a pipeline."""
-        reason = not_analysed_because(instance.header) or self._out_of_scope(instance)
+        """Process one instance; returns its final state, or why it must wait for a pipeline.
+
+        The instance's patient values are protected meanwhile: no log line emitted while it
+        is processed, by us or by pydicom/highdicom, and no reason stored for it carries them.
+        """
+        header = self._stored_header(instance)
+        values = frozenset() if header is None else patient_values(header)
+        with protecting(values):
+            return self._process_instance(job, instance, header)
+
+    def _process_instance(
+        self, job: Job, instance: Instance, header: Dataset | None
+    ) -> InstanceState | str:
+        reason = not_analysed_because(instance.header)
+        if reason is None and header is not None:  # ``node.scope``'s checks on the header
+            reason = out_of_scope(header, min_age_years=self._min_age)
         if reason is not None:
             self._queue.finish_instance(instance.sop_instance_uid, InstanceState.SKIPPED, reason)
             log.info("instance_skipped", reason=reason)
@@ -199,9 +213,11 @@ class Worker(threading.Thread):
         except ModelError as exc:
             log.error("pipeline_unavailable", error=type(exc).__name__)
             metrics.record_error("pipeline_unavailable")
-            return f"model unavailable: {exc}"
+            return scrub(f"model unavailable: {exc}")
         except Exception as exc:  # part of the worker loop: record the failure, go on
-            failure = scrub(f"{type(exc).__name__}: {exc}")  # stored: no patient values
+            # Stored as the reason (and shown by ``shadowspot status``): without the
+            # instance's patient values (protected) or any other quoted value.
+            failure = scrub(f"{type(exc).__name__}: {exc}")
             metrics.record_error("instance_failed")
             self._queue.finish_instance(instance.sop_instance_uid, InstanceState.FAILED, failure)
             if isinstance(exc, InputImageError):

@@ -68,9 +68,11 @@ def encode_results(
     """Build the objects for one image: always an SR; with findings also a SEG and (unless
     disabled) a GSPS; with ``burned_in`` (the rendered RGB picture) also a Secondary
     Capture, findings or not (left out, with a warning, when the source cannot have one).
-    Type 2 attributes the source lacks or gives invalid are written empty
-    (``source.usable_source``); a colour source gets no GSPS (a greyscale presentation state
-    cannot reference it), logged. Raises ``EncodeError`` when SEG or SR cannot be built."""
+    Type 2 attributes the source lacks or gives invalid are written empty, invalid optional
+    ones left out (``source.usable_source``; the source itself is not changed); a colour
+    source gets no GSPS (a greyscale presentation state cannot reference it), logged. Raises
+    ``EncodeError`` when the source lacks a valid Type 1 UID, or SEG, SR or (for a greyscale
+    source) GSPS cannot be built."""
     check_source(source, result.shape)
     source = usable_source(source)
     objects = [
@@ -90,7 +92,10 @@ def encode_results(
         objects.insert(0, EncodedObject(kind=ObjectKind.SEG, dataset=seg))
         if presentation_state and not is_grey(source):
             get_logger("node.encode").warning(
-                "presentation_state_skipped", reason="the source image is not greyscale"
+                "presentation_state_skipped",
+                reason="the source image is not MONOCHROME1/2 (Photometric Interpretation "
+                f"{source.get('PhotometricInterpretation', '') or 'absent'}): a greyscale "
+                "presentation state cannot reference it; SEG and SR carry the findings",
             )
         elif presentation_state:
             pr = build_gsps(source=source, result=result, uids=uids, producer=producer)
