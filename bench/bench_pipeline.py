@@ -31,12 +31,13 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from models.training.shared_data import DICOM  # noqa: E402
 from node.analysis import Analyser  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.window import resize  # noqa: E402
 
 ROWS, COLS = 2500, 2048
-SHARED_CR = REPO / ".." / "shared" / "data" / "dicom" / "RG1_UNCI.dcm"
+SHARED_CR = DICOM / "RG1_UNCI.dcm"
 
 
 def _phantom() -> np.ndarray:

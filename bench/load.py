@@ -27,8 +27,10 @@ from PIL import Image
 from pydicom import Dataset, uid
 from pydicom.dataset import FileMetaDataset
 
+from models.training.shared_data import CXR_LESIONS
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_LESIONS = REPO / ".." / "shared" / "data" / "cxr-lesions"
+SHARED_LESIONS = CXR_LESIONS
 ROWS, COLUMNS = 2500, 2048
 BITS_CYCLE = (12, 14, 15, 16)
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.8.498.77"  # pydicom's root, our suffix

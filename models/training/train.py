@@ -37,9 +37,10 @@ from models.training.dataset import FINDING_CHANNELS, packed, read_pack, write_p
 from models.training.export import FILE, export_onnx, write_manifest
 from models.training.loop import run_epochs, torch_device, write_best
 from models.training.net import WIDTHS, UNet, parameter_count
+from models.training.shared_data import CXR_LESIONS
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO / ".." / "shared" / "data" / "cxr-lesions"
+DEFAULT_DATA = CXR_LESIONS
 SOURCE_WEIGHT = {"covid-seg": 2.0}
 SPOT_SHARE = 0.2  # 0.35 in the v3 run taught the spot channel to fire on normals
 POS_WEIGHT = 2.0

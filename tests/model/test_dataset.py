@@ -17,6 +17,7 @@ from models.training.dataset import (
     write_pack,
 )
 from models.training.evaluate import normal_studies
+from models.training.shared_data import CXR_LESIONS
 from tests.model.folders import folder as _folder
 from tests.model.folders import folder_with_normals
 
@@ -67,7 +68,7 @@ def test_pack_carries_both_splits_and_the_digest(tmp_path: Path) -> None:
             assert diff.mean() < 4.0
 
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cxr-lesions"
+SHARED = CXR_LESIONS
 
 
 def test_the_locked_test_split_is_the_committed_draw_and_never_trained_on() -> None:

@@ -15,12 +15,13 @@ from pydicom import Dataset, uid
 from pydicom.dataset import FileMetaDataset
 from pynetdicom import AE
 
+from models.training.shared_data import DICOM
 from node.config import CallerConfig, Config, HttpConfig, LoggingConfig, NodeSection
 from node.logs import configure_logging
 from node.serve import Node
 from node.worker import AnalyseFile
 
-SHARED_DICOM = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "dicom"
+SHARED_DICOM = DICOM
 NODE_AE = "SHADOWSPOT"
 PATIENT_NAME = "Secretname^Jane"
 PATIENT_ID = "PID-SECRET-4711"

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-DICOM_DIR = DATA / "dicom"
-CXR_DIR = DATA / "cxr-lesions"
+from models.training.shared_data import CXR_LESIONS, DICOM
+
+DICOM_DIR = DICOM
+CXR_DIR = CXR_LESIONS
 
 
 def need(path: Path) -> Path:

@@ -23,10 +23,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from models.training.shared_data import DICOM
 from pipeline.result import AnalysisResult, Finding, FindingType, Side, Zone
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-RG1 = DATA / "dicom" / "RG1_UNCI.dcm"
+RG1 = DICOM / "RG1_UNCI.dcm"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
