@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.memory import peak_rss_bytes
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHADOWSPOT = Path(sys.executable).with_name("shadowspot")
@@ -32,13 +33,6 @@ NODE_AE = "SHADOWSPOT"
 
 class ProcessError(RuntimeError):
     """A benchmark process did not start or answered unexpectedly."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for DCMTK tools, which cannot bind port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_listening(port: int, timeout: float = 10.0) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from bench.procs import NodeProcess, StoreSCP, free_port
+from bench.procs import NodeProcess, StoreSCP
 from node.dimse import Status
 from tests.faults.conftest import (
     chest_image,
@@ -21,6 +21,7 @@ from tests.faults.conftest import (
     send_datasets,
     wait_for,
 )
+from tests.ports import free_port
 
 pytestmark = pytest.mark.network
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from node.config import CallerConfig, Config, NodeSection
 from node.queue import Queue
 from node.scp import StorageSCP
 from node.spool import Spool
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -37,12 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     _, node_port = scp.start()
 
     orthanc = json.loads((DOCKER / "orthanc" / "orthanc.json").read_text(encoding="utf-8"))
-    http, dicom = _free_port(), _free_port()
+    http, dicom = free_port(), free_port()
     orthanc.update(
         StorageDirectory=str(tmp_path / "orthanc"),
         IndexDirectory=str(tmp_path / "orthanc"),

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from models.training.shared_data import DICOM
 from pipeline.result import AnalysisResult, Finding, FindingType, Side, Zone
+from tests.ports import free_port
 
 RG1 = DICOM / "RG1_UNCI.dcm"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -181,13 +181,6 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
         [line for line in lines if line.startswith("Error")],
         [line for line in lines if line.startswith("Warning")],
     )
-
-
-def free_port() -> int:
-    """A port free right now (Orthanc cannot be told to take port 0 and report it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Orthanc:

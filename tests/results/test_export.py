@@ -27,7 +27,8 @@ from node.deliveries import DeliveryState, DeliveryStore
 from node.encode import ObjectKind
 from node.export import Exporter
 from node.results import publish
-from tests.results.helpers import free_port, generated_cr, orthanc, rg1, two_findings, wait_for
+from tests.ports import free_port
+from tests.results.helpers import generated_cr, orthanc, rg1, two_findings, wait_for
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
