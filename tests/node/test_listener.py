@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import uid
+from pynetdicom.association import Association
 
 from node.dimse import VERIFICATION_SOP_CLASS
 from node.errors import ListenError
@@ -77,6 +78,13 @@ def test_silent_sockets_do_not_count_against_max_associations(start_node: StartN
         second.release()
 
 
+def _raw_socket(assoc: Association) -> socket.socket:
+    """The TCP socket under an established pynetdicom association."""
+    transport = assoc.dul.socket
+    assert transport is not None and transport.socket is not None
+    return transport.socket
+
+
 def test_a_silent_socket_is_closed_after_the_idle_timeout(start_node: StartNode) -> None:
     node = start_node(idle_timeout_seconds=1.0)
     with silent_sockets(node.port, 1) as (sock,):
@@ -90,10 +98,9 @@ def test_a_slot_is_free_as_soon_as_its_peer_closes(start_node: StartNode) -> Non
     node = start_node(max_associations=1)
     gone = scu(VERIFICATION_SOP_CLASS).associate("127.0.0.1", node.port, ae_title=NODE_AE)
     assert gone.is_established
-    transport = gone.dul.socket
-    assert transport is not None and transport.socket is not None
-    transport.socket.shutdown(socket.SHUT_RDWR)
-    transport.socket.close()
+    raw = _raw_socket(gone)
+    raw.shutdown(socket.SHUT_RDWR)
+    raw.close()
     deadline = time.monotonic() + 5
     while node.scp.active_associations() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -123,9 +130,7 @@ def test_a_pdu_over_the_announced_maximum_is_aborted(start_node: StartNode) -> N
     node = start_node(max_pdu_bytes=65536)
     assoc = scu(CR).associate("127.0.0.1", node.port, ae_title=NODE_AE)
     assert assoc.is_established
-    transport = assoc.dul.socket
-    assert transport is not None and transport.socket is not None
-    raw = transport.socket
+    raw = _raw_socket(assoc)
     length = 1 << 20
     # P-DATA-TF of 1 MiB announced: one PDV (context 1, dataset, last fragment).
     raw.sendall(struct.pack(">BBL", 0x04, 0, length) + struct.pack(">LBB", length - 4, 1, 0x02))
@@ -143,8 +148,7 @@ def test_a_dataset_over_max_store_is_aborted_and_not_stored(
     big = make_image(rows=256, columns=256)  # 128 KiB of pixels
     assoc = scu(CR).associate("127.0.0.1", node.port, ae_title=NODE_AE)
     assert assoc.is_established
-    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
-    raw = assoc.dul.socket.socket  # pynetdicom drops it unclosed when the peer resets
+    raw = _raw_socket(assoc)  # pynetdicom drops it unclosed when the peer resets
     status = assoc.send_c_store(big)
     assert not status or status.Status != 0x0000
     # A-ABORT sent; a peer still sending may see the connection reset before it reads it.

@@ -51,17 +51,20 @@ def test_check_config_finds_a_relative_model_dir_from_the_config_folder(tmp_path
     assert f"from {config.parent / '../conf-models'}" in done.stdout
 
 
-def test_check_config_fails_when_the_model_cannot_be_loaded(tmp_path: Path) -> None:
+def _without_model(tmp_path: Path, command: str) -> subprocess.CompletedProcess[str]:
     config = _config(tmp_path, "no-model")
-    done = _run(["check-config", "--config", str(config)], cwd=tmp_path)
+    return _run([command, "--config", str(config)], cwd=tmp_path)
+
+
+def test_check_config_fails_when_the_model_cannot_be_loaded(tmp_path: Path) -> None:
+    done = _without_model(tmp_path, "check-config")
     assert done.returncode == 2
     assert "pipeline.model_dir" in done.stdout and "no model manifest" in done.stdout
     assert "OK" not in done.stdout
 
 
 def test_serve_refuses_to_start_without_a_model(tmp_path: Path) -> None:
-    config = _config(tmp_path, "no-model")
-    done = _run(["serve", "--config", str(config)], cwd=tmp_path)
+    done = _without_model(tmp_path, "serve")
     assert done.returncode == 1
     assert "no usable model" in done.stderr and "require_model = false" in done.stderr
     assert "node_started" not in done.stderr
