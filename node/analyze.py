@@ -230,6 +230,8 @@ def analyse_path(analyser: Analyser, path: Path, spacing: float | None) -> Analy
         return analyser.analyse_image(read_raster(path, spacing))
     try:
         ds = pydicom.dcmread(path)
+    except RecursionError as exc:  # sequences nested deeper than the interpreter's stack
+        raise DecodeError(f"{path.name}: not a readable DICOM file: nested too deep") from exc
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
     if not spacing:

@@ -130,6 +130,31 @@ def test_analyze_reports_a_bad_input_and_carries_on(tmp_path: Path) -> None:
     assert main(["analyze", str(bad), "--out", str(tmp_path / "o"), "--config", str(config)]) == 1
 
 
+def test_analyze_refuses_a_pathologically_nested_file_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sequence nested 5,000 deep (beyond Python's recursion limit) is one clear failure
+    line, as the node refuses it, not a RecursionError."""
+    from pydicom.filewriter import write_file_meta_info
+
+    from tests.faults.test_bad_input import _nested, _patched, chest_image
+
+    model_dir = build_tiny_model(tmp_path / "model", size=64)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[pipeline]\nmodel_dir = "{model_dir}"\n')
+    ds = chest_image(rows=128, columns=128)
+    nested = tmp_path / "nested.dcm"
+    with nested.open("wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, ds.file_meta)
+        f.write(_patched(ds, 0x00082222, _nested(5000)))
+    assert (
+        main(["analyze", str(nested), "--out", str(tmp_path / "o"), "--config", str(config)]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "nested too deep" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_analyze_real_dicom_with_the_shipped_model(tmp_path: Path) -> None:
     """End to end: ``shadowspot analyze`` on every real DICOM in ../shared/data/dicom with the
