@@ -137,4 +137,5 @@ def analyse(image: SourceImage, model: LesionModel, config: PipelineConfig) -> A
         timings_ms=t.ms,
         enhanced_image=enhanced,
         lung_mask=lung_mask,
+        lung_fields=lungs.fields if lung else None,
     )

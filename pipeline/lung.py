@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from pipeline.config import RecognitionConfig
 from pipeline.geometry import bounding_box
-from pipeline.itk import connected_components, dilate, fill_holes
+from pipeline.itk import LabelArray, connected_components, dilate, fill_holes
 from pipeline.result import Side, Zone
 
 FloatArray = npt.NDArray[np.float32]
@@ -37,6 +37,10 @@ class LungField:
     """Column (working pixels) separating the image's left lung from its right."""
     rows_image_left: tuple[int, int] | None
     rows_image_right: tuple[int, int] | None
+    fields: int = 0
+    """How many lung fields the image shows: 2 when the two kept components lie on opposite
+    sides of the image's vertical centre line (a frontal chest), 1 for one field or two on
+    the same side (a lateral shows its lungs superimposed), 0 for none."""
 
     @property
     def found(self) -> bool:
@@ -60,10 +64,18 @@ def lung_field(
             ]
             if keep:
                 mask = fill_holes(np.isin(labels, keep))
+                return _geometry(mask, config, fields=_fields(labels, keep))
     return _geometry(mask, config)
 
 
-def _geometry(mask: BoolArray, config: RecognitionConfig) -> LungField:
+def _fields(labels: LabelArray, keep: list[int]) -> int:
+    """1 or 2: two only when the components' centroids lie either side of the centre line."""
+    centre = labels.shape[1] / 2.0
+    sides = {bool(np.nonzero(labels == k)[1].mean() < centre) for k in keep}
+    return len(sides)
+
+
+def _geometry(mask: BoolArray, config: RecognitionConfig, *, fields: int = 0) -> LungField:
     width = mask.shape[1]
     cols: npt.NDArray[np.bool_] = np.asarray(mask.any(axis=0), dtype=bool)
     midline = width / 2.0
@@ -82,6 +94,7 @@ def _geometry(mask: BoolArray, config: RecognitionConfig) -> LungField:
         midline=midline,
         rows_image_left=(rows_left[0], rows_left[2]) if rows_left else None,
         rows_image_right=(rows_right[0], rows_right[2]) if rows_right else None,
+        fields=fields,
     )
 
 

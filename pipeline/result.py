@@ -169,6 +169,10 @@ class AnalysisResult:
     timings_ms: dict[str, float] = field(compare=False)
     enhanced_image: npt.NDArray[np.float32] = field(compare=False, repr=False)  # [0, 1], input grid
     lung_mask: npt.NDArray[np.bool_] | None = field(default=None, compare=False, repr=False)
+    lung_fields: int | None = None
+    """How many lung fields the model's lung channel shows (``pipeline.lung.LungField.fields``):
+    2 on a frontal chest, fewer on a lateral or an image that is not a chest; None when the
+    model has no lung channel or the result was not made by ``analyse``."""
 
     def __post_init__(self) -> None:
         if self.enhanced_image.shape != self.shape:

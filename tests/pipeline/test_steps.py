@@ -260,6 +260,22 @@ def test_lung_side_and_zone_follow_the_pa_convention() -> None:
     assert side_and_zone(spot, lungs) == (Side.LEFT, Zone.LOWER)
 
 
+def test_a_frontal_chest_shows_two_lung_fields_a_lateral_one() -> None:
+    """Two lungs either side of the centre line count 2; one superimposed field (a lateral)
+    or two components on one side count 1; no lung channel above threshold counts 0."""
+    frontal = np.zeros((100, 100), dtype=np.float32)
+    frontal[20:80, 10:40] = frontal[20:80, 60:90] = 0.9
+    lateral = np.zeros((100, 100), dtype=np.float32)
+    lateral[15:85, 25:75] = 0.9
+    one_side = np.zeros((100, 100), dtype=np.float32)
+    one_side[10:40, 5:45] = one_side[60:90, 5:45] = 0.9
+    config = RecognitionConfig()
+    assert lung_field(frontal, config, frontal.shape).fields == 2
+    assert lung_field(lateral, config, lateral.shape).fields == 1
+    assert lung_field(one_side, config, one_side.shape).fields == 1
+    assert lung_field(np.zeros_like(frontal), config, frontal.shape).fields == 0
+
+
 # Geometry ----------------------------------------------------------------------------------
 
 
