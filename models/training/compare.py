@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from models.training.dataset import Record, read_records, split_by_patient
-from models.training.evaluate import Analysed, score, sweep_findings
+from models.training.engines import Analysed, sweep_findings
+from models.training.scoring import score
 
 GOAL_FIGURES = (
     "shadow_sensitivity_at_1fp",
@@ -65,7 +66,7 @@ class Difference:
 
 
 def goal_figures(records: Sequence[Record], sweep: Sequence[Analysed]) -> dict[str, float]:
-    """``GOAL_FIGURES`` of one model's sweep run (``evaluate.score``); nan where a draw has
+    """``GOAL_FIGURES`` of one model's sweep run (``scoring.score``); nan where a draw has
     no lesion of the group or no image of a class."""
     s = score(records, sweep, None, Path("."))
     shadow, spot = s["groups"]["shadow"], s["groups"]["spot"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,16 @@ class Detection:
     image: int
     box: Box
     score: float
+
+
+class Froc(TypedDict):
+    """``froc``'s result: sensitivity by false positives per image (``FROC_RATES`` as
+    strings), the counts, and the curve's (false positives per image, sensitivity, score)."""
+
+    sensitivity_at_fp: dict[str, float]
+    lesions: int
+    images: int
+    curve: list[tuple[float, float, float]]
 
 
 def iou(a: Box, b: Box) -> float:
@@ -68,7 +79,7 @@ def froc(
     lesions: dict[int, list[Box]],
     n_images: int,
     threshold: float = 0.3,
-) -> dict[str, object]:
+) -> Froc:
     """Sensitivity at each of ``FROC_RATES`` false positives per image, and the curve."""
     n_lesions = sum(len(v) for v in lesions.values())
     blocks = _blocks(match(detections, lesions, threshold))

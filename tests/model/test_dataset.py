@@ -16,7 +16,7 @@ from models.training.dataset import (
     targets,
     write_pack,
 )
-from models.training.evaluate import normal_studies
+from models.training.scoring import normal_studies
 from models.training.shared_data import CXR_LESIONS
 from tests.model.folders import folder as _folder
 from tests.model.folders import folder_with_normals

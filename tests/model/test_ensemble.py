@@ -214,7 +214,7 @@ def test_the_command_refuses_members_it_cannot_combine(
 def test_ensemble_weight_fit_picks_the_best_mean_ap50_and_ties_to_the_earlier() -> None:
     """Of the runs with different ensemble weights the one whose findings rank the hit above
     the false positive wins; of equal runs the earlier (less of the second member)."""
-    from models.training.evaluate import ENSEMBLE_CHOICES, choice_key, fit_ensemble_weights
+    from models.training.fits import ENSEMBLE_CHOICES, choice_key, fit_ensemble_weights
     from tests.model.test_metrics import _hit_and_miss
 
     records, run = _hit_and_miss()
@@ -233,8 +233,8 @@ def test_evaluate_fits_ensemble_weights_into_its_graph(tmp_path: Path) -> None:
     """``--fit-ensemble-weights`` runs the pipeline with each choice, writes the best into
     the graph and the manifest with its rule, and the loader accepts the result; a model
     that is not an ensemble is refused."""
-    from models.training.evaluate import ENSEMBLE_CHOICES, choice_key
     from models.training.evaluate import main as evaluate
+    from models.training.fits import ENSEMBLE_CHOICES, choice_key
     from tests.model.folders import folder_with_normals
 
     data = folder_with_normals(tmp_path / "data")
@@ -258,8 +258,8 @@ def test_evaluate_fits_per_group_weights_into_an_ensemble_with_boxes_per_channel
     ``GROUP_ENSEMBLE_CHOICES`` and keeps, per group, its own best map and box weights: each
     group's written weights are one of the choices, its rule records every choice's AP50
     per group, and the loader accepts the result."""
-    from models.training.evaluate import GROUP_ENSEMBLE_CHOICES, choice_key
     from models.training.evaluate import main as evaluate
+    from models.training.fits import GROUP_ENSEMBLE_CHOICES, choice_key
     from tests.model.folders import folder_with_normals
 
     data = folder_with_normals(tmp_path / "data")
@@ -278,7 +278,7 @@ def test_evaluate_fits_per_group_weights_into_an_ensemble_with_boxes_per_channel
 
 
 def test_group_choices_become_weights_for_every_finding_channel() -> None:
-    from models.training.evaluate import GROUP_ENSEMBLE_CHOICES, group_choice_weights
+    from models.training.fits import GROUP_ENSEMBLE_CHOICES, group_choice_weights
 
     both = GROUP_ENSEMBLE_CHOICES[2]
     assert group_choice_weights(both, ["spot", "shadow"]) == (

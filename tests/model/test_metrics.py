@@ -83,7 +83,8 @@ def test_extent_scale_fit_brings_findings_to_the_lesions_size() -> None:
     factors 0.5 × 0.8; findings that overlap nothing do not count; a group with fewer
     matches than the minimum (spots here) keeps (1, 1)."""
     from models.training.dataset import Lesion
-    from models.training.evaluate import EXTENT_MIN_MATCHES, Analysed, Found, fit_extent_scale
+    from models.training.engines import Analysed, Found
+    from models.training.fits import EXTENT_MIN_MATCHES, fit_extent_scale
 
     n = EXTENT_MIN_MATCHES + 5
     tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 120.0, 140.0), mask=None)
@@ -112,7 +113,8 @@ def test_box_weight_fit_picks_the_blend_closest_to_the_lesions() -> None:
     one run kept keeps its own box; a group whose every weight scores alike (spots: none
     found) keeps weight 0."""
     from models.training.dataset import Lesion
-    from models.training.evaluate import Analysed, Found, blend_findings, fit_box_weight
+    from models.training.engines import Analysed, Found
+    from models.training.fits import blend_findings, fit_box_weight
 
     tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
     records, own, head = [], [], []
@@ -136,7 +138,8 @@ def test_the_operating_point_is_chosen_on_the_normals_most_probable_findings() -
     """Per channel, each normal study is scored by its most probable finding of the channel's
     group (0 without one): the threshold is the lowest grid value at most 7 % of them reach,
     the alert threshold the lowest at most 2 % reach, never below the threshold."""
-    from models.training.evaluate import Analysed, Found, choose_operating_point
+    from models.training.engines import Analysed, Found
+    from models.training.fits import choose_operating_point
 
     results = []
     for i in range(100):  # shadows: 10 studies at 0.9, 5 of them with a second at 0.99
@@ -168,7 +171,7 @@ def _hit_and_miss() -> tuple[list[Record], Callable[[float, float], list[Any]]]:
     """Two TBX11K images with one lesion each, and runs that find on each image the lesion
     (score ``hit``) and a false positive (score ``miss``): a fit's choice is the run whose
     scores put the hit first."""
-    from models.training.evaluate import Analysed, Found
+    from models.training.engines import Analysed, Found
 
     tb = Lesion(label="active_tuberculosis", box=(100.0, 100.0, 200.0, 200.0), mask=None)
     records = [_tbx_record(i, (tb,)) for i in range(2)]
@@ -193,7 +196,7 @@ def test_support_power_fit_picks_the_run_with_the_best_ap50() -> None:
     """Runs at three powers rank a hit and a false positive differently: the power whose
     ranking puts the hit first wins; among equal AP50 the smaller power; a group with no
     findings keeps power 0."""
-    from models.training.evaluate import fit_support_power
+    from models.training.fits import fit_support_power
 
     records, run = _hit_and_miss()
 
@@ -209,7 +212,7 @@ def test_zoom_scale_fit_picks_the_best_mean_ap50_and_ties_to_fewer_scales() -> N
     """Of the runs with different S300 zoom scales the one whose findings rank the hit above
     the false positive wins (AP50 averaged over both groups); of two equal runs the one with
     fewer scales."""
-    from models.training.evaluate import fit_zoom_scales
+    from models.training.fits import fit_zoom_scales
 
     records, run = _hit_and_miss()
 
@@ -225,7 +228,8 @@ def test_zoom_scale_fit_picks_the_best_mean_ap50_and_ties_to_fewer_scales() -> N
 def test_evaluate_fits_zoom_scales_into_the_manifest(tmp_path: Path) -> None:
     """``--fit-zoom-scales`` runs the pipeline with each choice and writes the best scales
     and their rule into the manifest's operating point; the pipeline loads them."""
-    from models.training.evaluate import ZOOM_CHOICES, main
+    from models.training.evaluate import main
+    from models.training.fits import ZOOM_CHOICES
     from pipeline.model import load_model
     from tests.model.folders import folder_with_normals
     from tests.pipeline.tiny_model import build_tiny_model
@@ -244,7 +248,8 @@ def test_evaluate_fits_a_support_power_and_chooses_its_operating_point(tmp_path:
     """``--fit-support-power`` writes a power per finding channel and its rule;
     ``--choose-operating-point`` then picks thresholds through the pipeline on the normal
     studies (grid values, alerts never below them) and the evaluation runs at them."""
-    from models.training.evaluate import ALERT_GRID, THRESHOLD_GRID, main
+    from models.training.evaluate import main
+    from models.training.fits import ALERT_GRID, THRESHOLD_GRID
     from tests.model.folders import folder_with_normals
     from tests.pipeline.tiny_model import build_tiny_model
 
@@ -299,7 +304,7 @@ def test_evaluate_fits_a_box_weight_and_scores_a_folder_through_the_pipeline(
 def test_view_fusion_fit_picks_the_best_ap50_per_group_and_ties_to_mean() -> None:
     """Per group, the S300 view fusion whose run ranks the hit above the false positive
     wins; equal runs keep ``mean``."""
-    from models.training.evaluate import fit_view_fusion
+    from models.training.fits import fit_view_fusion
 
     records, run = _hit_and_miss()
 
