@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 from models.training.dataset import Record
 from models.training.engines import Evaluation, engine_for, image_of, run_sweep
-from models.training.ensemble import per_channel_boxes, reweight
+from models.training.ensemble import reweight
+from models.training.ensemble_spec import per_channel_boxes
 from models.training.fits import (
     BOX_WEIGHTS,
     ENSEMBLE_CHOICES,

@@ -12,7 +12,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from models.training.ensemble import ENSEMBLE_FILE, EnsembleError, main, reweight
+from models.training.ensemble import ENSEMBLE_FILE, main, reweight
+from models.training.ensemble_spec import EnsembleError
 from pipeline.model import load_model
 from pipeline.result import SourceImage
 from tests.pipeline.tiny_model import build_tiny_model
