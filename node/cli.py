@@ -140,18 +140,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_lazy("node.deliveries_cmd"))
 
-    p = sub.add_parser("retry", help="send dead-lettered deliveries again, now")
+    p = sub.add_parser(
+        "retry",
+        help="send dead-lettered deliveries again, now; with --instances, analyse failed or "
+        "stuck instances again",
+    )
     _add_config(p)
     p.add_argument(
-        "ids", nargs="*", type=int, metavar="ID", help="delivery ids (default: all dead)"
+        "ids",
+        nargs="*",
+        metavar="ID",
+        help="delivery ids (default: all dead), or with --instances SOP Instance UIDs",
+    )
+    p.add_argument(
+        "--instances",
+        action="store_true",
+        help="re-queue failed or stuck instances for analysis (not deliveries)",
+    )
+    p.add_argument(
+        "--study", action="append", metavar="UID", help="only this study (may be repeated)"
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every dead delivery (the default), or with --instances every failed or stuck one",
+    )
+    p.add_argument(
+        "--state",
+        choices=("failed", "stuck"),
+        help="with --instances: only failed ones, or only stuck ones (unfinished in a job "
+        "that is over)",
     )
     p.add_argument("--pending", action="store_true", help="also the ones waiting for a retry")
     p.add_argument(
         "--queue-only", action="store_true", help="only re-queue; a running node sends them"
     )
-    p.set_defaults(handler=_lazy("node.deliveries_cmd", "retry"))
+    p.set_defaults(handler=_retry)
 
     return parser
+
+
+def _retry(args: argparse.Namespace, config: Config) -> int:
+    """``retry``: deliveries (``node.deliveries_cmd``) or, with --instances, instances
+    (``node.instances_cmd``)."""
+    problem = None
+    if args.all and (args.ids or args.study):
+        problem = "--all selects everything: leave out IDs and --study"
+    elif args.instances and (args.pending or args.queue_only):
+        problem = "--pending and --queue-only are for deliveries (--instances only re-queues)"
+    elif args.state and not args.instances:
+        problem = "--state is for --instances (for deliveries: --pending)"
+    if problem is not None:
+        print(f"shadowspot retry: {problem}", file=sys.stderr)
+        return 2
+    module = "node.instances_cmd" if args.instances else "node.deliveries_cmd"
+    return _lazy(module, "retry")(args, config)
 
 
 def _check_config(args: argparse.Namespace, config: Config) -> int:

@@ -261,10 +261,15 @@ class DeliveryStore(SqliteStore):
         return cur.rowcount
 
     def retry(
-        self, ids: Sequence[int] = (), *, states: Sequence[DeliveryState] = (DeliveryState.DEAD,)
+        self,
+        ids: Sequence[int] = (),
+        *,
+        states: Sequence[DeliveryState] = (DeliveryState.DEAD,),
+        study_instance_uids: Sequence[str] = (),
     ) -> list[int]:
         """Re-arm deliveries for sending now, with a fresh retry schedule: the given ids (any
-        state but delivered and sending), or else every delivery in ``states``."""
+        state but delivered and sending), or else every delivery in ``states``; with
+        ``study_instance_uids``, only those of these studies."""
         now = time.time()
         with self._transaction() as db:
             if ids:
@@ -274,6 +279,9 @@ class DeliveryStore(SqliteStore):
             else:
                 marks = ",".join("?" * len(states))
                 where, params = f"state IN ({marks})", [s.value for s in states]
+            if study_instance_uids:
+                where += f" AND study_instance_uid IN ({','.join('?' * len(study_instance_uids))})"
+                params += list(study_instance_uids)
             rows = db.execute(f"SELECT id FROM deliveries WHERE {where}", params).fetchall()
             picked = [int(r["id"]) for r in rows]
             db.executemany(

@@ -1,11 +1,12 @@
 """``shadowspot deliveries`` (list the outbound queue) and ``shadowspot retry`` (send dead or
-waiting deliveries again, now)."""
+waiting deliveries again, now; ``retry --instances`` is ``node.instances_cmd``)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import sys
 
 from node.config import Config
 from node.deliveries import Delivery, DeliveryState, DeliveryStore
@@ -69,26 +70,47 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 def retry(args: argparse.Namespace, config: Config) -> int:
     """Re-arm the chosen deliveries (ids, or all dead ones; ``--pending`` adds the waiting
-    ones) and, unless ``--queue-only``, send them now."""
+    ones; ``--study`` narrows to studies) and, unless ``--queue-only``, send them now.
+
+    A destination that a running node (or another ``retry``) is sending to right now is left
+    to it: never two associations to one destination at once (``node.export``)."""
+    try:
+        ids = [int(i) for i in args.ids]
+    except ValueError:
+        print(
+            "shadowspot retry: delivery ids are numbers (for SOP Instance UIDs: --instances)",
+            file=sys.stderr,
+        )
+        return 2
     store = _store(config)
     try:
         states = [DeliveryState.DEAD] + ([DeliveryState.PENDING] if args.pending else [])
-        picked = store.retry(args.ids or (), states=states)
+        picked = store.retry(ids, states=states, study_instance_uids=args.study or ())
         print(f"{len(picked)} deliveries queued for sending now")
         if args.queue_only or not picked:
             return 0
-        chosen = {d.destination for d in store.deliveries() if d.id in set(picked)}
-        exporter = Exporter(config, store)
-        failed = 0
-        for destination in config.destinations:
-            if destination.name in chosen:
-                outcomes = exporter.run_once(destination)
-                delivered = sum(o.state is DeliveryState.DELIVERED for o in outcomes)
-                failed += len(outcomes) - delivered
-                print(
-                    f"{destination.name}: {delivered} delivered, "
-                    f"{len(outcomes) - delivered} not delivered"
-                )
-        return 0 if failed == 0 else 1
+        return _send_now(config, store, set(picked))
     finally:
         store.close()
+
+
+def _send_now(config: Config, store: DeliveryStore, picked: set[int]) -> int:
+    chosen = {d.destination for d in store.deliveries() if d.id in picked}
+    exporter = Exporter(config, store)
+    failed = 0
+    for destination in config.destinations:
+        if destination.name not in chosen:
+            continue
+        outcomes = exporter.run_once(destination)
+        if outcomes is None:
+            print(
+                f"{destination.name}: another exporter is sending to it now (a running node "
+                "sends these next; without one, run retry again)"
+            )
+            continue
+        delivered = sum(o.state is DeliveryState.DELIVERED for o in outcomes)
+        failed += len(outcomes) - delivered
+        print(
+            f"{destination.name}: {delivered} delivered, {len(outcomes) - delivered} not delivered"
+        )
+    return 0 if failed == 0 else 1

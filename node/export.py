@@ -7,17 +7,28 @@ over **one** association that proposes exactly the (SOP class, transfer syntax) 
 is sent. Outcomes go back to ``node.deliveries``: delivered, retried after the configured
 backoff, or dead-lettered.
 
+At most one association per destination at a time, across processes: a pass holds the
+destination's lock (``flock`` on ``<storage>/locks/export-<name>.lock``) while it claims and
+sends, and a pass that finds the lock held (a running node's exporter and ``shadowspot retry``
+at once) sends nothing; its rows stay pending for the holder's or its own next pass.
+
 ``open_association`` is the one place an outbound association is made (TLS included), so
 transport options are added there and nowhere else.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -34,6 +45,34 @@ from node.logs import get_logger
 
 _OUT_OF_RESOURCES = range(0xA700, 0xA800)
 _WARNING = range(0xB000, 0xC000)
+BUSY_WAIT_SECONDS = 0.5
+"""How long an exporter thread waits after finding its destination's lock held."""
+
+
+def lock_path(storage: Path, destination: str) -> Path:
+    """The lock file of one destination (a name that is not a safe file name is hashed in)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", destination)
+    if safe != destination:
+        safe += "-" + hashlib.sha256(destination.encode()).hexdigest()[:8]
+    return storage / "locks" / f"export-{safe}.lock"
+
+
+@contextmanager
+def sending_to(storage: Path, destination: str) -> Iterator[bool]:
+    """Hold the destination's lock if it is free: yields True, or False when another pass
+    (in this or another process) holds it. Released when the block ends or the process dies."""
+    path = lock_path(storage, destination)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,24 +166,31 @@ class Exporter:
     def _loop(self, destination: DestinationConfig) -> None:
         event = self._wake[destination.name]
         while not self._stop.is_set():
+            busy = False
             try:
-                self.run_once(destination)
+                busy = self.run_once(destination) is None
             except Exception:  # the exporter thread must survive; the rows stay queued
                 self._log.exception("export_pass_failed", destination=destination.name)
             due = self.store.next_due(destination.name)
             wait = self.poll_seconds if due is None else due - time.time()
-            event.wait(min(max(wait, 0.05), self.poll_seconds))
+            floor = BUSY_WAIT_SECONDS if busy else 0.05
+            event.wait(min(max(wait, floor), self.poll_seconds))
             event.clear()
 
-    def run_once(self, destination: DestinationConfig) -> list[Outcome]:
-        """One pass: send every due delivery of ``destination``, one association per study."""
-        by_study: dict[str, list[Delivery]] = defaultdict(list)
-        for delivery in self.store.claim_due(destination.name):
-            by_study[delivery.study_instance_uid].append(delivery)
-        outcomes: list[Outcome] = []
-        for study_uid, deliveries in by_study.items():
-            outcomes.extend(self._send_study(destination, study_uid, deliveries))
-        return outcomes
+    def run_once(self, destination: DestinationConfig) -> list[Outcome] | None:
+        """One pass: send every due delivery of ``destination``, one association per study,
+        one study after the other. None: another pass holds the destination (module
+        docstring), so this one sent nothing."""
+        with sending_to(self.store.path.parent, destination.name) as ours:
+            if not ours:
+                return None
+            by_study: dict[str, list[Delivery]] = defaultdict(list)
+            for delivery in self.store.claim_due(destination.name):
+                by_study[delivery.study_instance_uid].append(delivery)
+            outcomes: list[Outcome] = []
+            for study_uid, deliveries in by_study.items():
+                outcomes.extend(self._send_study(destination, study_uid, deliveries))
+            return outcomes
 
     def _fail(self, delivery: Delivery, error: str, *, retryable: bool) -> Outcome:
         state = self.store.mark_failed(delivery.id, error, retryable=retryable)

@@ -7,8 +7,10 @@ the storage SOP classes below, in any transfer syntax pydicom decodes with the p
 plugins, accepted as the caller proposes them. Before negotiation, ``node.listener`` keeps
 silent and slow connections from holding the port or a slot, and bounds PDUs and datasets.
 
-The C-STORE handler checks free space, parses the header, writes ``event.encoded_dataset()``
-durably to the spool, records the instance in the queue and only then answers success.
+The C-STORE handler checks free space and hands ``event.encoded_dataset()`` to
+``node.intake``, which parses it, writes it durably to the spool and records it in the queue
+(or finds it is a duplicate, a resend of an abandoned instance, or a UID already used by
+another study); only then does the handler answer.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from node import metrics
 from node.config import Config
 from node.dimse import VERIFICATION_SOP_CLASS, RejectReason, RejectResult, RejectSource, Status
 from node.errors import IngestError, ListenError
+from node.intake import Intake, Received
 from node.listener import GuardedServer, Limits
 from node.queue import Queue
-from node.spool import Spool, inspect
+from node.spool import Spool
 from node.tls import server_context
 
 _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-PDU narration; we log one line per event
@@ -74,6 +77,7 @@ _REJECT_REASON = {
     Status.OUT_OF_RESOURCES: "disk_full",
     Status.CANNOT_UNDERSTAND: "unparseable",
     Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS: "header",
+    Status.DUPLICATE_SOP_INSTANCE: "uid_in_another_study",
 }
 """The ``reason`` label of ``shadowspot_instances_rejected`` for each refusal status."""
 
@@ -142,7 +146,7 @@ class StorageSCP:
     def __init__(self, config: Config, *, spool: Spool, queue: Queue) -> None:
         self._config = config
         self._spool = spool
-        self._queue = queue
+        self._intake = Intake(spool, queue)
         self.policy = CallerPolicy.from_config(config)
         self._server: Any = None
         self._lock = threading.Lock()
@@ -341,14 +345,10 @@ class StorageSCP:
         try:
             data = event.encoded_dataset()
             self._spool.check_space(len(data))
-            if self._queue.has_instance(sop_instance):
-                log.info("instance_duplicate", sop_class=uid.UID(sop_class).name)
-                return Status.SUCCESS
-            header = inspect(data, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
-            path = self._spool.write(data, header)
-            added = self._queue.add_instance(
-                header,
-                path=path,
+            receipt = self._intake.receive(
+                data,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
                 calling_ae=str(event.assoc.requestor.ae_title).strip(),
                 peer=str(event.assoc.requestor.address),
             )
@@ -359,15 +359,17 @@ class StorageSCP:
             metrics.INSTANCES_REJECTED.labels(reason="spool_error").inc()
             metrics.record_error("instance_refused")
             return Status.OUT_OF_RESOURCES
-        if added:
+        if receipt.outcome is not Received.DUPLICATE:
             metrics.INSTANCES_RECEIVED.inc()
+        previous = receipt.previous
         log.info(
-            "instance_spooled" if added else "instance_duplicate",
-            study_instance_uid=header.study_instance_uid,
+            f"instance_{receipt.outcome}",
+            study_instance_uid=receipt.header.study_instance_uid,
             sop_class=uid.UID(sop_class).name,
-            transfer_syntax=uid.UID(header.transfer_syntax_uid).name,
+            transfer_syntax=uid.UID(receipt.header.transfer_syntax_uid).name,
             bytes=len(data),
             ms=round((time.monotonic() - started) * 1000, 1),
+            **({} if previous is None else {"was": previous.kind.value}),
         )
         return Status.SUCCESS
 
@@ -379,6 +381,9 @@ class StorageSCP:
         metrics.INSTANCES_REJECTED.labels(reason=_REJECT_REASON.get(status, "header")).inc()
         if status is Status.OUT_OF_RESOURCES:
             log.error("instance_refused", **fields)
+            return status
+        if status is Status.DUPLICATE_SOP_INSTANCE:  # valid, but its UID is taken: not kept
+            log.warning("instance_refused", **fields)
             return status
         if status is Status.CANNOT_UNDERSTAND:
             fields["reason"] = "the dataset cannot be parsed"  # parser text may quote values

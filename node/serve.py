@@ -126,7 +126,11 @@ class Node:
         return self.port
 
     def adopt_orphans(self) -> int:
-        """Record spooled files that a crash left between rename and database commit."""
+        """Record spooled files that a crash left between rename and database commit.
+
+        A file that can never be recorded (its content is not a valid instance, or its SOP
+        Instance UID is recorded in another study) goes to the quarantine with its reason and
+        a log line, so no later start parses it again."""
         known = self.queue.known_paths()
         adopted = 0
         for path in self.spool.files():
@@ -136,22 +140,48 @@ class Node:
                 data = path.read_bytes()
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 header = inspect(
-                    data, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID)
+                    data, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=sop_instance
                 )
-            except (IngestError, OSError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
+            except OSError as exc:  # e.g. permissions: the file may be fine; leave it
                 log.error("orphan_unreadable", path=str(path), error=type(exc).__name__)
+                sop_instance = str(ds.SOPInstanceUID)
                 continue
             if self.queue.add_instance(
                 header, path=path, calling_ae="", peer="", received_at=path.stat().st_mtime
             ):
                 adopted += 1
         return adopted
+            except (IngestError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
+                self._quarantine_orphan(path, "unreadable", f"cannot be read: {type(exc).__name__}")
+                continue
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, drain the C-STOREs in flight, stop the workers, close the queue."""
         self.scp.stop(grace_seconds)
+                continue
+            recorded = self.queue.instance(sop_instance)
+            if (
+                recorded is not None
+                and recorded.header.study_instance_uid != header.study_instance_uid
+            ):
+                self._quarantine_orphan(
+                    path,
+                    "uid_in_another_study",
+                    "its SOP Instance UID is recorded in another study",
+                    sop_instance_uid=sop_instance,
+                )
         self._stop.set()
         for worker in self.workers:
+    def _quarantine_orphan(self, path: Path, why: str, reason: str, **context: str) -> None:
+        try:
+            moved = self.spool.quarantine_file(
+                path, reason=f"unrecorded spool file: {reason}", context=context
+            )
+        except OSError as exc:
+            log.error("orphan_unreadable", path=str(path), error=type(exc).__name__)
+            return
+        log.warning("orphan_quarantined", path=str(path), quarantined=str(moved), reason=why)
+
             if worker.is_alive():
                 worker.join()
         self.exporter.stop(timeout=grace_seconds)

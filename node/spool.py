@@ -7,7 +7,9 @@ written to ``spool/.tmp/``, fsynced, renamed into place and the folder fsynced, 
 C-STORE handler answers success.
 
 ``<storage>/quarantine/<time>_<id>.dcm`` keeps what we refused because it cannot be parsed or
-is not an image, beside ``<same name>.reason.json`` saying why.
+is not an image, beside ``<same name>.reason.json`` saying why. Spooled files that start-up
+finds recorded nowhere and cannot adopt (unreadable, or a second copy of a recorded SOP
+Instance UID) are moved there too (``quarantine_file``), so no start parses them again.
 
 Free space is checked first: below the floor nothing is written (Out of Resources).
 """
@@ -243,18 +245,33 @@ class Spool:
         self, data: bytes, *, status: Status, reason: str, context: dict[str, Any]
     ) -> Path:
         """Keep a refused object with a ``.reason.json`` beside it; returns the object's path."""
+        status_fields = {"status": f"0x{status.value:04X}", "status_name": status.name}
+        target = self._quarantine_target(status_fields, reason, context)
+        _write_durably(target, data, self._tmp)
+        return target
+
+    def quarantine_file(self, path: Path, *, reason: str, context: dict[str, Any]) -> Path:
+        """Move a spooled file to the quarantine with a ``.reason.json``; returns its new path."""
+        target = self._quarantine_target({}, reason, {"spool_path": str(path), **context})
+        os.replace(path, target)
+        fsync_dir(target.parent)
+        fsync_dir(path.parent)
+        return target
+
+    def _quarantine_target(
+        self, status_fields: dict[str, str], reason: str, context: dict[str, Any]
+    ) -> Path:
+        """A new quarantine path, its ``.reason.json`` already written durably."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         target = self.quarantine_dir / f"{stamp}_{uuid.uuid4().hex[:12]}.dcm"
         record = {
-            "status": f"0x{status.value:04X}",
-            "status_name": status.name,
+            **status_fields,
             "reason": reason,
             "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **context,
         }
         reason_path = target.with_name(target.stem + ".reason.json")
         _write_durably(reason_path, json.dumps(record, indent=2).encode(), self._tmp)
-        _write_durably(target, data, self._tmp)
         return target
 
     def files(self) -> Iterator[Path]:

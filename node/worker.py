@@ -7,13 +7,18 @@ given (``PipelineHooks``): ``analyse_file(path)`` (``node.analysis``) and ``publ
 the next process that has a pipeline puts it back in the queue.
 
 Each finished instance is committed at once, so a job interrupted by a crash or a shutdown only
-re-runs what it had not finished. ``publish`` must itself be idempotent per SOP instance (its
-result UIDs are generated once and stored), because a crash between ``publish`` returning and
-the instance being marked ``analysed`` re-runs that one instance.
+re-runs what it had not finished. A job whose processing raises past the per-instance handling
+is never left ``running``: the loop hands it to ``Queue.interrupted`` (queued again, or failed
+with its unfinished instances after ``max_attempts``).
+
+``publish`` must itself be idempotent per SOP instance (its result UIDs are generated once and
+stored), because a crash between ``publish`` returning and the instance being marked
+``analysed`` re-runs that one instance.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -114,6 +119,7 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
+            job: Job | None = None
             try:
                 for formed in self._queue.form_jobs():
                     log.info(
@@ -124,9 +130,21 @@ class Worker(threading.Thread):
                     self._stop_event.wait(self._poll)
                     continue
                 self.process(job)
-            except Exception:  # the worker loop's one catch-all: log, back off, keep serving
-                log.exception("worker_failed")
+            except Exception as exc:  # the worker loop's one catch-all: log, back off, go on
+                log.exception("worker_failed", job_id=None if job is None else job.id)
+                if job is not None:
+                    self._interrupted(job, exc)
                 self._stop_event.wait(1.0)
+
+    def _interrupted(self, job: Job, exc: Exception) -> None:
+        """A job whose processing raised is not left running: queued again, or failed with
+        its instances once its attempts are used up (``Queue.interrupted``)."""
+        try:
+            state = self._queue.interrupted(job.id, f"processing raised {type(exc).__name__}")
+        except sqlite3.Error as db_exc:  # the database itself fails: recover() at next start
+            log.error("job_not_recorded", job_id=job.id, error=type(db_exc).__name__)
+            return
+        log.warning("job_interrupted", job_id=job.id, attempt=job.attempts, state=state)
 
     def process(self, job: Job) -> JobState:
         """Run one claimed job to an end state (or release it at shutdown)."""

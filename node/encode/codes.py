@@ -1,9 +1,11 @@
-"""Coded concepts for the result objects: finding types, anatomy, laterality, zones, grades.
+"""Coded concepts for the result objects: finding types, anatomy, laterality, zones, grades,
+report titles and the procedure; and the words the labels use for them.
 
-SNOMED CT (``SCT``) and DICOM (``DCM``) codes with their standard meanings (viewers such as
-OHIF match SR items by meaning text, so the meanings are kept exactly). Two concepts have no
-standard code — the product's early-warning alert flag and its grade scale — and use the
-private coding scheme ``99SHSP``, declared in each SR's Coding Scheme Identification.
+SNOMED CT (``SCT``), DICOM (``DCM``) and LOINC (``LN``) codes with their standard meanings
+(viewers such as OHIF match SR items by meaning text, so the meanings are kept exactly). Two
+concepts have no standard code — the product's early-warning alert flag and its grade scale —
+and use the private coding scheme ``99SHSP``, declared in each SR's Coding Scheme
+Identification.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def finding_type_code(finding_type: FindingType) -> Code:
     return _FINDING_TYPE_CODE[finding_type]
 
 
-def finding_label(finding_type: FindingType) -> str:
-    """The human label of a finding type, as written in segment labels and comments."""
+def type_label(finding_type: FindingType) -> str:
+    """The human name of a finding type, the first part of every finding label."""
     return _FINDING_TYPE_LABEL[finding_type]
 
 
@@ -73,6 +75,10 @@ _ZONE: dict[Zone, Code] = {
 }
 
 
+_SIDE_WORD: dict[Side, str] = {Side.RIGHT: "Right", Side.LEFT: "Left"}
+_ZONE_WORD: dict[Zone, str] = {Zone.UPPER: "upper", Zone.MIDDLE: "middle", Zone.LOWER: "lower"}
+
+
 def laterality_code(side: Side | None) -> Code | None:
     return None if side is None else _LATERALITY[side]
 
@@ -81,8 +87,29 @@ def zone_code(zone: Zone | None) -> Code | None:
     return None if zone is None else _ZONE[zone]
 
 
-# --- procedure, grades, alert ---------------------------------------------------------------
-PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+def site_label(side: Side | None, zone: Zone | None) -> str | None:
+    """Where a finding is, the patient's side first: "Right upper zone"; "Left lung" without
+    a zone, "Upper zone" without a side, None when neither is known."""
+    if zone is None:
+        return None if side is None else f"{_SIDE_WORD[side]} lung"
+    if side is None:
+        return f"{_ZONE_WORD[zone].capitalize()} zone"
+    return f"{_SIDE_WORD[side]} {_ZONE_WORD[zone]} zone"
+
+
+# --- report titles and procedure ------------------------------------------------------------
+MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")
+"""TID 1500 title (CID 7021) of a report with findings; OHIF 3.13 hydrates its measurements."""
+NO_FINDINGS_REPORT = Code("18748-4", "LN", "Diagnostic Imaging Report")
+"""TID 1500 title of a report without findings: CID 7021 is extensible and this is the
+general title of CID 7000 "Diagnostic Imaging Report Document Titles". OHIF 3.13 shows an SR
+with any title but 126000 as text; one titled 126000 without a region to draw crashes its SR
+viewport ("Something went wrong")."""
+PROCEDURE_REPORTED = Code("43468-8", "LN", "XR unspecified body region")
+"""TID 1500 row 4, Procedure Reported (DCID 100 "Quantitative Diagnostic Imaging
+Procedures"): its term for a radiograph; the group has none for the chest alone."""
+
+# --- grades, alert --------------------------------------------------------------------------
 SEVERITY = Code("246112005", "SCT", "Severity")
 _SEVERITY_OF_GRADE: tuple[Code, ...] = (
     Code("255604002", "SCT", "Mild"),

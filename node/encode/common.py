@@ -1,10 +1,17 @@
-"""What every result object shares: who made it, which algorithm, which UIDs, which labels.
+"""What every result object shares: who made it, which algorithm, which UIDs, which labels
+and colours.
 
 ``Producer`` describes the product (Manufacturer "ShadowSpot", software version) and the
 algorithm (model name and version) for General Equipment, Contributing Equipment and
 Algorithm Identification. ``ResultUIDs`` are generated once per analysed source instance,
 stored by ``node.deliveries`` and passed back in on retry so that a retry rebuilds byte-
 identical identities instead of duplicates.
+
+``finding_label`` is the one label of a finding — SEG segment label and Tracking ID, GSPS
+text, SR comment and tracking identifier — so that a reader sees the same words in every
+viewer. ``display_colour`` is the grade colour as
+the objects recommend it for display: readable on OHIF's dark side panel, where the segment
+colour is the only mark telling the grades apart.
 """
 
 from __future__ import annotations
@@ -106,23 +113,63 @@ class ResultUIDs:
         return str(generate_uid(entropy_srcs=[self.sr.sop_instance_uid, "image"]))
 
 
-def finding_text(finding: Finding) -> str:
-    """One line a radiologist reads: type, grade, probability, (alert)."""
-    alert = ", ALERT" if finding.alert else ""
-    return (
-        f"{sc.finding_label(finding.finding_type)}, grade {finding.grade}, "
-        f"probability {finding.probability:.0%}{alert}"
-    )
+def finding_label(finding: Finding) -> str:
+    """The one label of a finding in every object: type, site with the patient's side, grade,
+    probability and the alert: "Nodule, Right upper zone, G3, 91%, ALERT"."""
+    site = sc.site_label(finding.side, finding.zone)
+    parts = [
+        sc.type_label(finding.finding_type),
+        *([site] if site else []),
+        f"G{finding.grade}",
+        f"{finding.probability:.0%}",
+        *(["ALERT"] if finding.alert else []),
+    ]
+    return ", ".join(parts)
 
 
 def tracking_id(index: int, finding: Finding) -> str:
-    """Short tracking identifier shared by SEG segment and GSPS objects."""
-    return f"finding {index + 1}: {sc.finding_label(finding.finding_type)} grade {finding.grade}"
+    """Tracking ID shared by the SEG segment and the GSPS graphic and text of a finding."""
+    return f"finding {index + 1}: {finding_label(finding)}"
+
+
+OHIF_PANEL_BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((9, 12, 42), (4, 28, 73))
+"""OHIF 3.13.2's side panel and its selected row (sRGB), read from viewer-check screenshots:
+the segment colour is drawn as a swatch on them."""
+MIN_CONTRAST = 3.0
+"""WCAG 2.1 success criterion 1.4.11 (non-text contrast) for graphical marks."""
+
+
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    """WCAG 2.1 relative luminance of an sRGB colour (components 0–255)."""
+
+    def linear(c: int) -> float:
+        s = c / 255
+        return s / 12.92 if s <= 0.04045 else ((s + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """WCAG 2.1 contrast ratio of two sRGB colours, 1 to 21."""
+    high, low = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def display_colour(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The grade colour as written for display: as configured when it stands out by
+    ``MIN_CONTRAST`` from each of ``OHIF_PANEL_BACKGROUNDS``, else mixed with white in the
+    smallest step of 5 % that does (same hue, lighter)."""
+    for step in range(20):
+        r, g, b = (round(c + (255 - c) * step / 20) for c in rgb)
+        if all(contrast((r, g, b), bg) >= MIN_CONTRAST for bg in OHIF_PANEL_BACKGROUNDS):
+            return (r, g, b)
+    return (255, 255, 255)  # white stands out from both by more than 15:1
 
 
 def cielab(finding: Finding) -> hd.color.CIELabColor:
-    """The finding's grade colour (sRGB) as CIELab for Recommended Display CIELab Value."""
-    r, g, b = finding.colour
+    """The finding's display colour as CIELab for Recommended Display CIELab Value."""
+    r, g, b = display_colour(finding.colour)
     return hd.color.CIELabColor.from_rgb(r, g, b)
 
 

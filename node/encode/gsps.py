@@ -1,9 +1,11 @@
-"""Grayscale Softcopy Presentation State: each finding's contour in its grade colour with a
-short text label, for viewers that do not display SEG.
+"""Grayscale Softcopy Presentation State: each finding's contour in its grade colour with its
+label (``common.finding_label``, the same as in the SEG and the SR), for viewers that do not
+display SEG.
 
 One graphic layer per grade colour carries the Recommended Display CIELab Value (the colour
-a viewer draws the layer's graphics in); graphics and text share the finding's Tracking UID
-with the SEG segment and the SR measurement group.
+a viewer draws the layer's graphics in); graphics and text share the finding's Tracking ID
+with the SEG segment, and the contour its Tracking UID with the segment and the SR
+measurement group.
 """
 
 from __future__ import annotations
@@ -12,26 +14,19 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.encode import codes as sc
 from node.encode.common import (
     Producer,
     ResultUIDs,
     cielab,
     closed_polyline,
     copy_body_part,
+    finding_label,
     tracking_id,
 )
 from node.errors import EncodeError
 from pipeline.result import AnalysisResult, Finding
 
 SERIES_NUMBER = 9103
-
-
-def short_label(finding: Finding) -> str:
-    """What is written next to the contour: "Nodule G3 87%" (+ "!" on alert)."""
-    alert = " !" if finding.alert else ""
-    label = sc.finding_label(finding.finding_type)
-    return f"{label} G{finding.grade} {finding.probability:.0%}{alert}"
 
 
 def _layers(result: AnalysisResult) -> dict[tuple[int, tuple[int, int, int]], hd.pr.GraphicLayer]:
@@ -66,7 +61,7 @@ def _annotation(
         tracking_uid=uid,
     )
     text = hd.pr.TextObject(
-        text_value=short_label(finding),
+        text_value=finding_label(finding),
         units=hd.pr.AnnotationUnitsValues.PIXEL,
         anchor_point=(float(x0) + 0.5, float(y0) + 0.5),
         anchor_point_visible=False,

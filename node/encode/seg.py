@@ -11,6 +11,15 @@ are therefore set on the built object, and only for sources without a Frame of R
   orientation cornerstone3D assumes for the radiograph itself: OHIF 3.13's SEG loader reads
   it and fails without it, so the overlay would never show.
 
+Pixel Measures carry the spacing the source gives (its Pixel Spacing, else its Imager Pixel
+Spacing) and are left out when it gives none: a nominal 1 mm would state a calibration the
+source never had. OHIF 3.13's SEG viewport cannot open such a SEG (it reads the Pixel
+Measures item, and Orthanc's DICOMweb drops an empty one); the SR's contours and the
+Secondary Capture still show the findings there.
+
+Each segment names the lung as its anatomic region and the zone as its primary structure,
+both with the patient's side as modifier, and is labelled with ``common.finding_label``.
+
 Encoding of binary masks: a BINARY SEG packs 8 pixels per byte across frame boundaries in
 the native encoding, so when rows × columns is not a multiple of 8 every frame after the first
 starts mid-byte and cannot be served on its own: Orthanc 1.10's DICOMweb ``/frames/N``
@@ -36,7 +45,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from node.encode import codes as sc
-from node.encode.common import ObjectUIDs, Producer, ResultUIDs, cielab, tracking_id
+from node.encode.common import (
+    ObjectUIDs,
+    Producer,
+    ResultUIDs,
+    cielab,
+    finding_label,
+    tracking_id,
+)
 from node.errors import EncodeError
 from pipeline.result import AnalysisResult, Finding
 
@@ -50,7 +66,7 @@ def _segment(
     anatomy = [sc.zone_code(finding.zone) or sc.LUNG]
     description = hd.seg.SegmentDescription(
         segment_number=index + 1,
-        segment_label=f"{sc.finding_label(finding.finding_type)} G{finding.grade}"[:64],
+        segment_label=finding_label(finding),
         segmented_property_category=sc.property_category(finding.finding_type),
         segmented_property_type=sc.finding_type_code(finding.finding_type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -63,9 +79,13 @@ def _segment(
     )
     laterality = sc.laterality_code(finding.side)
     if laterality is not None:
-        # Anatomic Region Modifier Sequence: highdicom takes no modifiers as arguments.
-        modifier = hd.sr.CodedConcept.from_code(laterality)
-        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
+        # The side of the lung and of the zone in it: highdicom takes no modifiers.
+        region = description.AnatomicRegionSequence[0]
+        region.AnatomicRegionModifierSequence = [hd.sr.CodedConcept.from_code(laterality)]
+        structure = description.PrimaryAnatomicStructureSequence[0]
+        structure.PrimaryAnatomicStructureModifierSequence = [
+            hd.sr.CodedConcept.from_code(laterality)
+        ]
     return description
 
 
@@ -172,19 +192,18 @@ def _valid_spacing(value: object) -> tuple[float, float] | None:
     return (row, col) if row > 0 and col > 0 else None
 
 
-def pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence:
-    """Pixel Measures of the SEG, given to highdicom as an argument.
-
-    OHIF's SEG loader reads them and fails without them, so they are always written: the
-    source's Pixel Spacing when it is valid, else its Imager Pixel Spacing, else 1 mm — the
-    nominal spacing viewers assume for an uncalibrated image (some CR writers put 0\\0 in
-    Pixel Spacing, which copied into the SEG would be an error). A radiograph has no slice
-    thickness, so none is written."""
-    spacing = (
-        _valid_spacing(source.get("PixelSpacing"))
-        or _valid_spacing(source.get("ImagerPixelSpacing"))
-        or (1.0, 1.0)
+def pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence | None:
+    """Pixel Measures of the SEG: the spacing the source gives, its Pixel Spacing, else its
+    Imager Pixel Spacing (what viewers and the pipeline use for a radiograph); None when it
+    gives neither as two positive numbers, so that the SEG has no Pixel Measures: a nominal
+    spacing would state a calibration the source never had. ``source.usable_source`` has
+    left out a Pixel Spacing of 0\\0, which highdicom would otherwise copy. A radiograph has
+    no slice thickness, so none is written."""
+    spacing = _valid_spacing(source.get("PixelSpacing")) or _valid_spacing(
+        source.get("ImagerPixelSpacing")
     )
+    if spacing is None:
+        return None
     return hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=None)
 
 

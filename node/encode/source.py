@@ -12,6 +12,9 @@ the source (the source itself is never changed) in which
   has none or one that is not valid for its VR (Type 2 allows empty);
 * each other Patient or Study attribute highdicom copies (``TYPE_3``) that is not valid for
   its VR is left out (it is optional);
+* a Pixel Spacing that is not two positive numbers is left out: some CR writers put ``0\\0``
+  for "uncalibrated", which highdicom would copy into the SEG's Pixel Measures (an error
+  there, and a spacing the source does not have);
 
 and logs one warning naming the keywords, never a value. Values are read from the stored
 text (``node.scrub.raw_text``), not through pydicom's conversion, which warns, quoting the
@@ -165,11 +168,21 @@ def _copy(source: Dataset) -> Dataset:
     return copied
 
 
+def _positive_spacing(text: str) -> bool:
+    """Whether a stored Pixel Spacing is two positive numbers (row\\column, in mm)."""
+    try:
+        values = [float(v) for v in text.split("\\")]
+    except ValueError:
+        return False
+    return len(values) == 2 and min(values) > 0
+
+
 def usable_source(source: Dataset) -> Dataset:
     """A copy of ``source`` (which is not changed) whose Type 2 attributes (``TYPE_2``) are
     present and valid, empty where they were absent or invalid, without the invalid ones of
-    ``TYPE_3``; ``EncodeError`` when a Type 1 UID is missing or invalid (``check_type_1``).
-    Logs one warning with the keywords it changed, never their values."""
+    ``TYPE_3`` and without a Pixel Spacing that is not positive; ``EncodeError`` when a
+    Type 1 UID is missing or invalid (``check_type_1``). Logs one warning with the keywords
+    it changed, never their values."""
     check_type_1(source)
     fixed = _copy(source)
     absent: list[str] = []
@@ -186,6 +199,10 @@ def usable_source(source: Dataset) -> Dataset:
         if text is not None and not valid_text(keyword, text):
             removed.append(keyword)
             delattr(fixed, keyword)
+    spacing = raw_text(source, "PixelSpacing")
+    if spacing is not None and not _positive_spacing(spacing):
+        removed.append("PixelSpacing")
+        del fixed.PixelSpacing
     if absent or emptied or removed:
         get_logger("node.encode").warning(
             "source_attributes_emptied",

@@ -7,7 +7,8 @@ measurement panel (see ``../shared/tools/viewer-check/README.md``):
   UID equal to the SEG segment's;
 * the **first** NUM is the Area and carries the closed POLYLINE contour (SCOORD selected from
   the source image) as its "inferred from" coordinates;
-* a Comment TEXT (121106) with type, grade and probability, which is what OHIF's panel shows.
+* a Comment TEXT (121106) with the finding's label (``common.finding_label``: type, site with
+  the side, grade, probability, alert), which is what OHIF's panel shows.
 
 The coded items (finding type, finding site with laterality and zone, probability, severity,
 grade, alert) are there for every other reader.
@@ -17,8 +18,21 @@ one-line summary — go into TID 1500's own "Qualitative Evaluations" container 
 highdicom does not build, so it is appended to the report it built. They must not be a
 measurement group without a region: OHIF 3.13 walks the groups from the last one and stops at
 the first without coordinates (``coords[0]`` of an empty list), so no finding would load.
-highdicom requires at least one measurement group, so an image with no findings gets one
-image-level TID 1501 group stating "Clinical finding absent" for the source image.
+
+An image without findings: highdicom requires at least one measurement group, so the report
+gets one image-level TID 1501 group stating "Clinical finding absent" for the source image.
+OHIF 3.13's SR viewport crashes ("Something went wrong") on a report titled "Imaging
+Measurement Report" that has no region to draw, and shows any other SR as text, so this
+report is titled "Diagnostic Imaging Report" (``codes.NO_FINDINGS_REPORT``; CID 7021 is
+extensible): OHIF shows its content as text and its measurement panel stays empty.
+
+Every container is SEPARATE (Continuity of Content): its items are distinct statements, not
+one running sentence; OHIF's text view prints each as "Concept: value" on its own line
+instead of running the values together. highdicom builds its containers CONTINUOUS and takes
+no argument for it, so the built content tree is set before the document is made.
+
+Procedure Reported is LOINC 43468-8 "XR unspecified body region", the projection radiography
+term of CID 100.
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.encode import codes as sc
-from node.encode.common import Producer, ResultUIDs, closed_polyline, finding_text
+from node.encode.common import Producer, ResultUIDs, closed_polyline, finding_label
 from node.errors import EncodeError
 from pipeline.result import AnalysisResult, Finding
 
@@ -60,7 +74,7 @@ def _area(finding: Finding, source: Dataset) -> hd.sr.Measurement:
 def _group(
     index: int, finding: Finding, source: Dataset, uids: ResultUIDs, producer: Producer
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    label = finding_text(finding)
+    label = finding_label(finding)
     site = hd.sr.FindingSite(
         anatomic_location=sc.zone_code(finding.zone) or sc.LUNG,
         laterality=sc.laterality_code(finding.side),
@@ -124,6 +138,7 @@ def _qualitative_evaluations(result: AnalysisResult) -> hd.sr.ContainerContentIt
     container = hd.sr.ContainerContentItem(
         name=sc.QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
     )
     container.ContentSequence = hd.sr.ContentSequence(
         [*_study_evaluations(result), _text(sc.COMMENT, summary_text(result))]
@@ -147,6 +162,14 @@ def _no_findings_group(
     )
     group[0].ContentSequence.append(_text(sc.COMMENT, summary_text(result)))
     return group
+
+
+def _separate(item: Dataset) -> None:
+    """Continuity of Content SEPARATE for ``item`` and every container below it."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
 
 
 def _library_describable(source: Dataset) -> bool:
@@ -184,12 +207,14 @@ def build_sr(
             groups.append(_no_findings_group(source, result, uids, producer))
         report = hd.sr.MeasurementReport(
             observation_context=_observer(producer),
-            procedure_reported=sc.PLAIN_CHEST_XRAY,
+            procedure_reported=sc.PROCEDURE_REPORTED,
             imaging_measurements=groups,
+            title=sc.MEASUREMENT_REPORT if result.findings else sc.NO_FINDINGS_REPORT,
             referenced_images=[source] if _library_describable(source) else None,
         )
         # Row 12 comes after the Imaging Measurements container (row 6).
         report[0].ContentSequence.append(_qualitative_evaluations(result))
+        _separate(report[0])
         return hd.sr.Comprehensive3DSR(
             evidence=[source],
             content=report[0],

@@ -10,7 +10,7 @@ import pytest
 from pydicom import uid
 
 from node.dimse import Status
-from node.queue import InstanceHeader, InstanceState, JobState, Queue
+from node.queue import Abandoned, InstanceHeader, InstanceState, JobState, Queue
 from tests.node.conftest import NODE_AE, StartNode, make_config, make_image, scu
 
 T0 = 1_800_000_000.0
@@ -161,3 +161,87 @@ def test_spooled_file_without_a_row_is_adopted_at_start(
     (row,) = node.queue.instances()
     assert row.sop_instance_uid == ds.SOPInstanceUID and row.path == orphan
     assert node.adopt_orphans() == 0  # known now: never adopted twice
+
+
+def test_a_failed_job_fails_its_unfinished_instances_with_the_reason(tmp_path: Path) -> None:
+    """A job that ends failed leaves none of its instances queued: each unfinished one is
+    failed with the job's reason; finished ones keep their own state and reason."""
+    queue = Queue(tmp_path, study_quiet_seconds=1.0)
+    _add(queue, "A", 1, T0)
+    _add(queue, "A", 2, T0)
+    queue.form_jobs(now=T0 + 5)
+    job = queue.claim()
+    assert job is not None
+    queue.finish_instance("1.2.3.A.1", InstanceState.ANALYSED, None)
+    queue.finish_job(job.id, JobState.FAILED, "model crashed")
+    states = {i.sop_instance_uid: (i.state, i.reason) for i in queue.instances()}
+    assert states == {
+        "1.2.3.A.1": (InstanceState.ANALYSED, None),
+        "1.2.3.A.2": (InstanceState.FAILED, "job failed: model crashed"),
+    }
+
+
+def test_an_interrupted_job_is_queued_again_then_failed_with_its_instances(
+    tmp_path: Path,
+) -> None:
+    """A job whose processing raised goes back to the queue while attempts are left; at the
+    last attempt it fails, and so do its unfinished instances, with the reason."""
+    queue = Queue(tmp_path, study_quiet_seconds=1.0, max_attempts=2)
+    _add(queue, "A", 1, T0)
+    queue.form_jobs(now=T0 + 5)
+    job = queue.claim()
+    assert job is not None
+    assert queue.interrupted(job.id, "processing raised RuntimeError") is JobState.QUEUED
+    again = queue.claim()
+    assert again is not None and again.attempts == 2
+    assert queue.interrupted(job.id, "processing raised RuntimeError") is JobState.FAILED
+    assert queue.interrupted(job.id, "late") is None  # not running any more: unchanged
+    (failed,) = queue.jobs()
+    assert failed.state is JobState.FAILED
+    assert failed.reason == "processing raised RuntimeError; gave up after 2 attempts"
+    (instance,) = queue.instances()
+    assert instance.state is InstanceState.FAILED
+    assert instance.reason == "job failed: processing raised RuntimeError; gave up after 2 attempts"
+
+
+def _over(queue: Queue, study: str, states: dict[int, InstanceState], job: JobState) -> int:
+    """A job of ``study`` that ran and ended ``job``, its instances left in ``states``."""
+    for n in states:
+        _add(queue, study, n, T0)
+    (formed,) = queue.form_jobs(now=T0 + 5)
+    claimed = queue.claim()
+    assert claimed is not None and claimed.id == formed.id
+    for n, state in states.items():
+        if state.finished:
+            queue.finish_instance(f"1.2.3.{study}.{n}", state, f"{state} on purpose")
+    with queue._transaction() as db:  # an older node's end: instances left unfinished
+        db.execute("UPDATE jobs SET state = ? WHERE id = ?", (job, formed.id))
+    return formed.id
+
+
+def test_requeue_takes_failed_and_stuck_instances_into_a_new_job(tmp_path: Path) -> None:
+    """Failed instances, and unfinished ones in a job that is over, are abandoned; requeue
+    takes them out of their job, which ends done (what it still holds finished) or is
+    deleted (it holds nothing); the new job has its full attempts."""
+    queue = Queue(tmp_path, study_quiet_seconds=1.0, max_attempts=3)
+    a = _over(queue, "A", {1: InstanceState.ANALYSED, 2: InstanceState.FAILED}, JobState.FAILED)
+    b = _over(queue, "B", {1: InstanceState.QUEUED}, JobState.FAILED)
+    _over(queue, "C", {1: InstanceState.ANALYSED}, JobState.DONE)
+    found = {x.instance.sop_instance_uid: x.kind for x in queue.abandoned()}
+    assert found == {"1.2.3.A.2": Abandoned.FAILED, "1.2.3.B.1": Abandoned.STUCK}
+    assert [x.instance.sop_instance_uid for x in queue.abandoned(kinds=[Abandoned.STUCK])] == [
+        "1.2.3.B.1"
+    ]
+    assert queue.abandoned(study_instance_uids=["1.2.3.C"]) == []
+
+    requeued = queue.requeue(["1.2.3.A.2", "1.2.3.B.1", "1.2.3.C.1"])
+    assert sorted(x.instance.sop_instance_uid for x in requeued) == ["1.2.3.A.2", "1.2.3.B.1"]
+    jobs = {j.id: j for j in queue.jobs()}
+    assert jobs[a].state is JobState.DONE and b not in jobs
+    assert queue.requeue(["1.2.3.A.2"]) == []  # received now: no longer abandoned
+    formed = queue.form_jobs(now=T0 + 6)  # received times are kept: quiet at once
+    assert sorted(j.study_instance_uid for j in formed) == ["1.2.3.A", "1.2.3.B"]
+    assert all(j.attempts == 0 and j.state is JobState.QUEUED for j in formed)
+    for j in formed:
+        (instance,) = queue.instances_of(j.id)
+        assert instance.state is InstanceState.QUEUED and instance.reason is None

@@ -8,6 +8,7 @@ the queue, spool and DICOM files are real.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,3 +254,37 @@ def test_children_and_our_own_objects_are_stored_not_analysed(
     assert skipped.state is InstanceState.SKIPPED and reason in (skipped.reason or "")
     assert "010" not in (skipped.reason or "") and "2020" not in (skipped.reason or "")
     assert recorder.analysed == [adult.SOPInstanceUID]
+
+
+def test_a_job_whose_processing_raises_is_not_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error past the per-instance handling (here in the scope check) neither kills the
+    worker nor leaves the job running for ever: it is retried up to max_attempts, then the
+    job fails and each of its instances is failed with the reason."""
+    study = uid.generate_uid()
+    queue = _received(tmp_path, make_image(study_uid=study), make_image(study_uid=study))
+    calls: list[str] = []
+
+    def broken_scope(ds: Dataset, *, min_age_years: float) -> str | None:
+        calls.append(str(ds.SOPInstanceUID))
+        raise RuntimeError("a bug in a check")
+
+    monkeypatch.setattr("node.worker.out_of_scope", broken_scope)
+    stop = threading.Event()
+    worker = Worker(queue, Recorder().hooks(), stop=stop, poll_seconds=0.05)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while queue.jobs()[0].state is not JobState.FAILED and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(10)
+    (job,) = queue.jobs()
+    assert job.state is JobState.FAILED and job.attempts == queue.max_attempts
+    assert len(calls) == queue.max_attempts
+    reason = (
+        f"job failed: processing raised RuntimeError; gave up after {queue.max_attempts} attempts"
+    )
+    assert {(i.state, i.reason) for i in queue.instances()} == {(InstanceState.FAILED, reason)}

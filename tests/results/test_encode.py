@@ -13,15 +13,18 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from node import __version__
 from node.encode import ObjectKind, Producer, ResultUIDs, encode_results
+from node.encode.common import OHIF_PANEL_BACKGROUNDS, contrast, display_colour, finding_label
 from node.encode.sc import build_sc
 from node.encode.seg import encoding
 from node.encode.sr import CORNERSTONE_FREEHAND, IMAGE_LEVEL_IDENTIFIER
 from node.errors import EncodeError
-from pipeline.result import AnalysisResult
+from pipeline.config import DEFAULT_GRADE_COLOURS
+from pipeline.result import AnalysisResult, FindingType, Side, Zone
 from tests.results.helpers import dciodvfy, generated_cr, result_of, rg1, two_findings
 
 PRODUCER = Producer(model_name="shadowspot-lesion-unet", model_version="1.0.0")
@@ -81,20 +84,26 @@ def test_objects_sit_in_the_source_study_each_in_a_new_series(source: Dataset) -
 
 
 def test_seg_segments_carry_type_grade_colour_anatomy_and_masks(source: Dataset) -> None:
-    """One segment per finding: label with type and grade, SNOMED CT codes, lung with
-    laterality, algorithm identification, grade colour as CIELab, and the finding's mask."""
+    """One segment per finding: the finding's label (type, side and zone, grade, probability,
+    alert), SNOMED CT codes, lung and zone each with laterality, algorithm identification,
+    grade colour as CIELab, and the finding's mask."""
     result = two_findings(source)
     seg_ds = _build(source, result)[ObjectKind.SEG]
     assert len(seg_ds.SegmentSequence) == 2
     nodule, consolidation = seg_ds.SegmentSequence
-    assert nodule.SegmentLabel == "Nodule G3" and consolidation.SegmentLabel == "Consolidation G2"
+    assert nodule.SegmentLabel == "Nodule, Right upper zone, G3, 91%, ALERT"
+    assert consolidation.SegmentLabel == "Consolidation, Left lower zone, G2, 64%"
     assert nodule.SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
     assert nodule.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
     assert consolidation.SegmentedPropertyTypeCodeSequence[0].CodeValue == "95436008"
     region = nodule.AnatomicRegionSequence[0]
     assert region.CodeValue == "39607008"  # lung
     assert region.AnatomicRegionModifierSequence[0].CodeValue == "24028007"  # right
-    assert nodule.PrimaryAnatomicStructureSequence[0].CodeValue == "281392002"  # upper zone
+    zone = nodule.PrimaryAnatomicStructureSequence[0]
+    assert zone.CodeValue == "281392002"  # upper zone
+    assert zone.PrimaryAnatomicStructureModifierSequence[0].CodeValue == "24028007"  # right
+    left = consolidation.PrimaryAnatomicStructureSequence[0]
+    assert left.PrimaryAnatomicStructureModifierSequence[0].CodeMeaning == "Left"
     assert nodule.SegmentAlgorithmName == "ShadowSpot shadowspot-lesion-unet"
     assert nodule.SegmentAlgorithmType == "AUTOMATIC"
     expected = hd.color.CIELabColor.from_rgb(230, 30, 30).value
@@ -106,7 +115,8 @@ def test_seg_segments_carry_type_grade_colour_anatomy_and_masks(source: Dataset)
 
 def test_seg_geometry_is_that_of_a_projection_radiograph(source: Dataset) -> None:
     """No frame of reference, Patient Orientation copied, identity Plane Orientation (what
-    OHIF's SEG loader needs), the source image referenced, valid pixel measures only."""
+    OHIF's SEG loader needs), the source image referenced, the source's own pixel spacing
+    (none for RG1, whose Pixel Spacing is 0\\0)."""
     seg = _build(source, two_findings(source))[ObjectKind.SEG]
     assert "FrameOfReferenceUID" not in seg
     assert list(seg.PatientOrientation) == list(source.PatientOrientation)
@@ -119,7 +129,11 @@ def test_seg_geometry_is_that_of_a_projection_radiograph(source: Dataset) -> Non
         1,
         0,
     ]
-    assert min(float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing) > 0
+    if min(float(v) for v in source.PixelSpacing) > 0:
+        spacing = shared.PixelMeasuresSequence[0].PixelSpacing
+        assert [float(v) for v in spacing] == [float(v) for v in source.PixelSpacing]
+    else:
+        assert "PixelMeasuresSequence" not in shared
     frame = seg.PerFrameFunctionalGroupsSequence[0]
     ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
     assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -150,7 +164,8 @@ def _items(group: Dataset, code: str) -> list[Dataset]:
 
 def test_sr_groups_are_hydratable_by_ohif_and_share_the_seg_tracking_uids(source: Dataset) -> None:
     """Each finding group: Cornerstone PlanarFreehandROI tracking identifier, the SEG segment's
-    tracking UID, Area as the first NUM carrying the closed contour, a readable Comment."""
+    tracking UID, Area as the first NUM carrying the closed contour, and the segment's label
+    as Comment (what OHIF's measurement panel shows)."""
     objects = _build(source, two_findings(source))
     sr, seg = objects[ObjectKind.SR], objects[ObjectKind.SEG]
     groups = _groups(sr)
@@ -174,9 +189,9 @@ def test_sr_groups_are_hydratable_by_ohif_and_share_the_seg_tracking_uids(source
         image = scoord.ContentSequence[0].ReferencedSOPSequence[0]
         assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
         comment = _items(group, "121106")[0].TextValue
-        assert "grade" in comment and "probability" in comment
+        assert comment == segment.SegmentLabel and ident == f"{CORNERSTONE_FREEHAND}:{comment}"
     first = groups[0]
-    assert "Nodule, grade 3, probability 91%, ALERT" in _items(first, "121106")[0].TextValue
+    assert _items(first, "121106")[0].TextValue == "Nodule, Right upper zone, G3, 91%, ALERT"
     assert _items(first, "121071")[0].ConceptCodeSequence[0].CodeValue == "27925004"
     site = _items(first, "363698007")[0]
     assert site.ConceptCodeSequence[0].CodeValue == "281392002"
@@ -245,7 +260,8 @@ def test_an_image_without_findings_gets_only_an_sr_saying_so() -> None:
 
 
 def test_gsps_draws_each_contour_in_its_grade_colour_with_a_label() -> None:
-    """GSPS: one layer per grade colour (CIELab), a closed polyline and a text per finding."""
+    """GSPS: one layer per grade colour (CIELab), a closed polyline and the finding's label
+    per finding."""
     source = generated_cr()
     result = two_findings(source)
     pr = _build(source, result)[ObjectKind.PR]
@@ -265,7 +281,10 @@ def test_gsps_draws_each_contour_in_its_grade_colour_with_a_label() -> None:
         assert (
             annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         )
-    assert texts == ["Nodule G3 91% !", "Consolidation G2 64%"]
+    assert texts == [
+        "Nodule, Right upper zone, G3, 91%, ALERT",
+        "Consolidation, Left lower zone, G2, 64%",
+    ]
 
 
 def test_retry_with_stored_uids_rebuilds_the_same_identities() -> None:
@@ -413,3 +432,186 @@ def test_secondary_capture_needs_the_source_orientation_and_an_rgb_picture() -> 
         build_sc(source=source, picture=_picture(source), uids=uids, producer=PRODUCER)
     objects = _build(source, result, burned_in=_picture(source))
     assert set(objects) == {ObjectKind.SEG, ObjectKind.SR, ObjectKind.PR}
+
+
+# Readers: OHIF 3.13 and others --------------------------------------------------------------
+
+
+def _no_findings(source: Dataset) -> AnalysisResult:
+    return result_of((int(source.Rows), int(source.Columns)), (), 0.7)
+
+
+def test_a_report_without_findings_is_one_ohif_shows_as_text() -> None:
+    """No findings: the TID 1500 report is titled "Diagnostic Imaging Report" (LN 18748-4), not
+    "Imaging Measurement Report", which OHIF 3.13's SR viewport crashes on without a region to
+    draw; it stays a TID 1500 that highdicom reads back with its one image-level group. A
+    report with findings keeps the title whose measurements OHIF hydrates."""
+    source = generated_cr()
+    without = _build(source, _no_findings(source))[ObjectKind.SR]
+    title = without.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "18748-4",
+        "LN",
+        "Diagnostic Imaging Report",
+    )
+    assert without.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    report = hd.sr.Comprehensive3DSR.from_dataset(without).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    assert len(report.get_image_measurement_groups()) == 1
+    with_findings = _build(source, two_findings(source))[ObjectKind.SR]
+    assert with_findings.ConceptNameCodeSequence[0].CodeValue == "126000"
+
+
+def _containers(item: Dataset) -> list[Dataset]:
+    found = [item] if item.get("ValueType") == "CONTAINER" else []
+    for child in item.get("ContentSequence", []):
+        found += _containers(child)
+    return found
+
+
+@pytest.mark.parametrize("findings", [True, False], ids=["findings", "no-findings"])
+def test_every_sr_container_is_separate(findings: bool) -> None:
+    """Continuity of Content is SEPARATE on the document and on every container in it (image
+    library, measurements, each group, the study-level evaluations): separate statements,
+    which OHIF's text view prints one per line with their concept names."""
+    source = generated_cr()
+    result = two_findings(source) if findings else _no_findings(source)
+    sr = _build(source, result)[ObjectKind.SR]
+    assert sr.ContinuityOfContent == "SEPARATE"
+    containers = _containers(sr)
+    assert len(containers) >= (6 if findings else 5)
+    assert {c.ContinuityOfContent for c in containers} == {"SEPARATE"}
+
+
+def test_procedure_reported_is_a_cid_100_term() -> None:
+    """TID 1500 row 4 (Procedure Reported) holds a term of CID 100 "Quantitative Diagnostic
+    Imaging Procedures" with its standard meaning: LN 43468-8 "XR unspecified body region"."""
+    source = generated_cr()
+    for result in (two_findings(source), _no_findings(source)):
+        sr = _build(source, result)[ObjectKind.SR]
+        (item,) = _items(sr, "121058")
+        code = item.ConceptCodeSequence[0]
+        cid100 = {
+            (c.value, c.scheme_designator): c.meaning
+            for c in (getattr(codes.cid100, name) for name in codes.cid100.dir())
+        }
+        assert cid100.get((code.CodeValue, code.CodingSchemeDesignator)) == code.CodeMeaning
+        assert code.CodeValue == "43468-8"
+
+
+@pytest.mark.parametrize(
+    ("side", "zone", "site"),
+    [
+        (Side.RIGHT, Zone.UPPER, "Right upper zone"),
+        (Side.LEFT, Zone.MIDDLE, "Left middle zone"),
+        (Side.LEFT, None, "Left lung"),
+        (None, Zone.LOWER, "Lower zone"),
+        (None, None, None),
+    ],
+)
+def test_one_label_with_the_side_for_a_finding_in_seg_gsps_and_sr(
+    side: Side | None, zone: Zone | None, site: str | None
+) -> None:
+    """A finding has one label — type, site with the patient's side ("Right upper zone"),
+    grade, probability, alert — and the SEG segment, the GSPS text, the SR comment and the SR
+    tracking identifier all say exactly that; the SEG's and GSPS's Tracking ID carry it too."""
+    source = generated_cr()
+    nodule = dataclasses.replace(two_findings(source).findings[0], side=side, zone=zone)
+    objects = _build(source, result_of((int(source.Rows), int(source.Columns)), (nodule,), 0.7))
+    expected = ", ".join(["Nodule", *([site] if site else []), "G3", "91%", "ALERT"])
+    segment = objects[ObjectKind.SEG].SegmentSequence[0]
+    annotation = objects[ObjectKind.PR].GraphicAnnotationSequence[0]
+    (group,) = _groups(objects[ObjectKind.SR])
+    assert finding_label(nodule) == expected
+    assert segment.SegmentLabel == expected
+    assert annotation.TextObjectSequence[0].UnformattedTextValue == expected
+    assert _items(group, "121106")[0].TextValue == expected
+    assert _items(group, "112039")[0].TextValue == f"{CORNERSTONE_FREEHAND}:{expected}"
+    assert segment.TrackingID == f"finding 1: {expected}"
+    assert annotation.GraphicObjectSequence[0].TrackingID == segment.TrackingID
+
+
+def test_the_longest_label_fits_a_segment_label() -> None:
+    """Every finding type with either side, any zone, grade 4, 100 % and the alert gives a
+    label within the 64 characters of Segment Label (LO)."""
+    source = generated_cr()
+    nodule = two_findings(source).findings[0]
+    longest = max(
+        len(
+            finding_label(
+                dataclasses.replace(
+                    nodule, finding_type=kind, side=side, zone=zone, grade=4, probability=1.0
+                )
+            )
+        )
+        for kind in FindingType
+        for side in Side
+        for zone in Zone
+    )
+    assert longest <= 64
+
+
+def _seg_spacing(source: Dataset, tmp_path: Path) -> list[float] | None:
+    seg = _build(source, two_findings(source))[ObjectKind.SEG]
+    path = tmp_path / f"seg-{seg.SOPInstanceUID}.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy(path)[0] == []
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PixelMeasuresSequence" not in shared:
+        return None
+    return [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+
+
+def test_seg_pixel_spacing_is_only_what_the_source_gives(tmp_path: Path) -> None:
+    """The SEG's Pixel Spacing is the source's Pixel Spacing, else its Imager Pixel Spacing;
+    a source with neither, or with 0\\0, gets a SEG without Pixel Measures (never a nominal
+    1 mm); the caller's source keeps its 0\\0; dciodvfy accepts every one of these SEGs."""
+    calibrated = generated_cr(spacing=0.7)
+    calibrated.PixelSpacing = [0.5, 0.5]
+    assert _seg_spacing(calibrated, tmp_path) == [0.5, 0.5]
+    detector_only = generated_cr(spacing=0.7)
+    del detector_only.PixelSpacing
+    assert _seg_spacing(detector_only, tmp_path) == [0.7, 0.7]
+    neither = generated_cr()
+    del neither.PixelSpacing, neither.ImagerPixelSpacing
+    assert _seg_spacing(neither, tmp_path) is None
+    zero = generated_cr()
+    zero.PixelSpacing = [0, 0]
+    del zero.ImagerPixelSpacing
+    assert _seg_spacing(zero, tmp_path) is None
+    assert [float(v) for v in zero.PixelSpacing] == [0.0, 0.0]
+
+
+def _segment_rgb(seg: Dataset, number: int) -> tuple[int, int, int]:
+    lab = seg.SegmentSequence[number - 1].RecommendedDisplayCIELabValue
+    r, g, b = hd.color.CIELabColor.from_dicom_value(lab).to_rgb(clip=True)
+    return (r, g, b)
+
+
+def test_grade_colours_stand_out_on_ohif_dark_panel() -> None:
+    """A configured grade colour too dark for OHIF's side panel (navy, 1.2:1) is written
+    lighter with the same hue, at least 3:1 (WCAG non-text contrast) against the panel and
+    its selected row, in the SEG segment and the GSPS layer; the shipped palette and colours
+    that already stand out are written as configured."""
+    for colour in DEFAULT_GRADE_COLOURS:
+        rgb = (colour.rgb[0], colour.rgb[1], colour.rgb[2])
+        assert display_colour(rgb) == rgb
+    source = generated_cr()
+    nodule, consolidation = two_findings(source).findings
+    dark = dataclasses.replace(nodule, colour=(0, 0, 128))
+    objects = _build(
+        source, result_of((int(source.Rows), int(source.Columns)), (dark, consolidation), 0.7)
+    )
+    seg, pr = objects[ObjectKind.SEG], objects[ObjectKind.PR]
+    written = _segment_rgb(seg, 1)
+    assert all(contrast(written, bg) >= 2.9 for bg in OHIF_PANEL_BACKGROUNDS)  # Lab rounding
+    assert written[2] > max(written[:2]) + 40 and abs(written[0] - written[1]) <= 2  # blue
+    assert _segment_rgb(seg, 2) == consolidation.colour  # (250, 200, 0) stands out already
+    layer = next(
+        layer
+        for layer in pr.GraphicLayerSequence
+        if layer.GraphicLayer == pr.GraphicAnnotationSequence[0].GraphicLayer
+    )
+    assert tuple(layer.GraphicLayerRecommendedDisplayCIELabValue) == tuple(
+        seg.SegmentSequence[0].RecommendedDisplayCIELabValue
+    )
