@@ -139,25 +139,20 @@ class Node:
             try:
                 data = path.read_bytes()
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
+                sop_instance = str(ds.SOPInstanceUID)
                 header = inspect(
                     data, sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=sop_instance
                 )
             except OSError as exc:  # e.g. permissions: the file may be fine; leave it
                 log.error("orphan_unreadable", path=str(path), error=type(exc).__name__)
-                sop_instance = str(ds.SOPInstanceUID)
+                continue
+            except (IngestError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
+                self._quarantine_orphan(path, "unreadable", f"cannot be read: {type(exc).__name__}")
                 continue
             if self.queue.add_instance(
                 header, path=path, calling_ae="", peer="", received_at=path.stat().st_mtime
             ):
                 adopted += 1
-        return adopted
-            except (IngestError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
-                self._quarantine_orphan(path, "unreadable", f"cannot be read: {type(exc).__name__}")
-                continue
-
-    def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Stop accepting, drain the C-STOREs in flight, stop the workers, close the queue."""
-        self.scp.stop(grace_seconds)
                 continue
             recorded = self.queue.instance(sop_instance)
             if (
@@ -170,8 +165,8 @@ class Node:
                     "its SOP Instance UID is recorded in another study",
                     sop_instance_uid=sop_instance,
                 )
-        self._stop.set()
-        for worker in self.workers:
+        return adopted
+
     def _quarantine_orphan(self, path: Path, why: str, reason: str, **context: str) -> None:
         try:
             moved = self.spool.quarantine_file(
@@ -182,6 +177,11 @@ class Node:
             return
         log.warning("orphan_quarantined", path=str(path), quarantined=str(moved), reason=why)
 
+    def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop accepting, drain the C-STOREs in flight, stop the workers, close the queue."""
+        self.scp.stop(grace_seconds)
+        self._stop.set()
+        for worker in self.workers:
             if worker.is_alive():
                 worker.join()
         self.exporter.stop(timeout=grace_seconds)
