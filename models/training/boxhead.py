@@ -59,7 +59,7 @@ class BoxHead(nn.Module):
             cin = width
         self.body = nn.Sequential(*layers, nn.Conv2d(width, 4, 1))
         last = self.body[-1]
-        assert isinstance(last, nn.Conv2d)
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, math.log(2.0))  # 32 px to each edge to start
 
@@ -70,7 +70,8 @@ class BoxHead(nn.Module):
             F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)
             for conv, f in zip(self.lateral, feats, strict=True)
         ]
-        return self.body(torch.cat(lat, dim=1)).clamp(-MAX_LOG, MAX_LOG)
+        out: torch.Tensor = self.body(torch.cat(lat, dim=1))
+        return out.clamp(-MAX_LOG, MAX_LOG)
 
 
 class Detector(nn.Module):

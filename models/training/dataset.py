@@ -54,6 +54,8 @@ TARGETS_VERSION = 3  # bump when targets() changes: the pack cache is keyed by i
 LABEL_CHANNEL = GROUP_OF_LABEL
 FINDING_CHANNELS = GROUPS
 CHANNELS = (*FINDING_CHANNELS, "lung")
+Arrays = dict[str, npt.NDArray[np.generic]]
+"""A split's packed arrays by name (``SPLIT_ARRAYS`` and ``images``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -286,16 +288,14 @@ def write_pack(data_dir: Path, size: int, cache_dir: Path, out: Path) -> Path:
                 arrays[f"{split}_{key}"] = cache[key]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    np.savez_compressed(tmp, allow_pickle=True, **arrays)
     tmp.replace(out)
     return out
 
 
-def read_pack(
-    path: Path,
-) -> tuple[dict[str, dict[str, npt.NDArray[np.generic]]], str, int, dict[str, int]]:
+def read_pack(path: Path) -> tuple[dict[str, Arrays], str, int, dict[str, int]]:
     """The splits of a ``write_pack`` file as cache arrays, its digest, size and counts."""
-    splits: dict[str, dict[str, npt.NDArray[np.generic]]] = {}
+    splits: dict[str, Arrays] = {}
     with np.load(path) as pack_file:
         digest, size = str(pack_file["digest"]), int(pack_file["size"])
         for split in ("train", "val"):

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from models.training.boxhead import Detector, ExportedDetector
 from models.training.dataset import CHANNELS
 from models.training.net import Exported, UNet
 from models.training.preprocess import RESIZE_SPEC, WINDOW_SPEC
@@ -56,12 +57,10 @@ def export_onnx(net: UNet, path: Path, size: int) -> float:
     return _export(model, path, size, {"probabilities": PARITY_TOLERANCE})["probabilities"]
 
 
-def export_detector_onnx(detector: torch.nn.Module, path: Path, size: int) -> dict[str, float]:
+def export_detector_onnx(detector: Detector, path: Path, size: int) -> dict[str, float]:
     """Write the U-Net + box head's ONNX file (outputs ``probabilities`` and ``boxes``) and
     return the max |ONNX − PyTorch| of each; the boxes (working pixels) may differ by
     ``BOX_PARITY_TOLERANCE_PX``."""
-    from models.training.boxhead import ExportedDetector
-
     model = ExportedDetector(copy.deepcopy(detector).cpu()).eval()
     return _export(
         model,

@@ -1,6 +1,7 @@
 """The time-budgeted epoch loop that ``train`` (the U-Net) and ``train_boxes`` (its box head)
 share: seeded sampling per epoch, steps until the budget is spent or a signal arrives,
-validation, one JSON line per epoch, the best validation loss kept in the run state.
+validation, one JSON line per epoch, the best validation loss kept in the run state; and the
+optimisation step itself (``descend``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def torch_device(name: str, threads: int, seed: int) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def descend(optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimisation step down the gradient of ``loss``; its value. (The backward pass as
+    ``Tensor.backward`` runs it: that method carries no annotations, this function does.)"""
+    optimiser.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss)
+    optimiser.step()
+    return float(loss.item())
 
 
 def write_best(best: dict[str, Any], run_dir: Path, export: Callable[[], object], to: Path) -> None:

@@ -82,7 +82,8 @@ def test_iou_loss_is_zero_for_the_right_boxes_and_grows_with_the_error() -> None
 
 
 def test_a_box_step_trains_the_head_and_leaves_the_unet_as_it_was() -> None:
-    from models.training.train_boxes import freeze, train_step
+    from models.training.box_training import train_step
+    from models.training.trunk import freeze
 
     torch.manual_seed(0)
     detector = Detector(UNet(widths=WIDTHS), WIDTHS)
@@ -108,7 +109,7 @@ def test_a_box_step_trains_the_head_and_leaves_the_unet_as_it_was() -> None:
 
 
 def test_a_joint_step_trains_unet_and_head_and_keeps_the_batchnorm_statistics() -> None:
-    from models.training.train_boxes import joint_step
+    from models.training.box_training import joint_step
 
     torch.manual_seed(0)
     detector = Detector(UNet(widths=WIDTHS), WIDTHS)
@@ -133,7 +134,7 @@ def test_a_joint_step_trains_unet_and_head_and_keeps_the_batchnorm_statistics() 
 
 
 def test_spot_drift_is_zero_where_the_spot_channel_agrees_and_grows_as_it_moves() -> None:
-    from models.training.train_boxes import spot_drift
+    from models.training.distill import spot_drift
 
     teacher = torch.randn(2, 3, SIZE, SIZE)
     student = teacher.clone()
@@ -150,7 +151,7 @@ def test_peak_drift_follows_the_spot_peaks_only() -> None:
     """``peak_drift`` is the mean KL over the pixels where either map reaches 0.5: zero where
     the peaks agree however the background moves, as large for a faded 10 × 10 peak as for a
     whole faded image, and it counts a peak that appears; 0 with no peak anywhere."""
-    from models.training.train_boxes import peak_drift, spot_drift
+    from models.training.distill import peak_drift, spot_drift
 
     teacher = torch.full((2, 3, SIZE, SIZE), -4.0)
     teacher[0, 0, 10:20, 10:20] = 3.0  # one spot peak on the first image
@@ -174,7 +175,9 @@ def test_peak_drift_follows_the_spot_peaks_only() -> None:
 
 
 def test_a_joint_step_with_a_teacher_pulls_the_spot_channel_back_and_leaves_it_alone() -> None:
-    from models.training.train_boxes import joint_step, spot_drift, starting_unet
+    from models.training.box_training import joint_step
+    from models.training.distill import spot_drift
+    from models.training.trunk import starting_unet
 
     torch.manual_seed(0)
     detector = Detector(UNet(widths=WIDTHS), WIDTHS)
@@ -376,7 +379,7 @@ def test_a_unet_comes_back_from_its_onnx_file_as_shipped(tmp_path: Path) -> None
 
     # as a --trunk, the file's own manifest says where it came from: a record that was itself
     # read from this file (same sha256) passes on its origin instead of nesting
-    from models.training.train_boxes import load_trunk
+    from models.training.trunk import load_trunk
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     first = {"from": "runs/main/best.pt", "epoch": 7}

@@ -113,7 +113,7 @@ def test_unboxed_spots_are_not_negatives_and_loose_opacities_are_ignored(tmp_pat
 
 
 def test_sampling_shows_spots_and_jsrt_normals_as_often_as_jsrt_nodules() -> None:
-    from models.training.train import SPOT_SHARE, sample_weights
+    from models.training.unet_training import SPOT_SHARE, sample_weights
 
     sources = np.array(["tbx11k"] * 80 + ["jsrt"] * 15 + ["jsrt"] * 5)
     has_spot = np.array([False] * 80 + [True] * 15 + [False] * 5)

@@ -43,7 +43,7 @@ def test_the_shipped_unet_reads_back_as_the_default_trunk() -> None:
     torch = pytest.importorskip("torch")
     from models.training.export import unet_from_onnx
     from models.training.net import Exported
-    from models.training.train_boxes import shipped_file
+    from models.training.trunk import shipped_file
 
     m = json.loads((MODELS / "manifest.json").read_text())
     assert shipped_file() == MODELS / str(m["file"])

@@ -14,7 +14,7 @@ torch = pytest.importorskip(
 
 from models.training.export import FILE, export_onnx, sha256_of, write_manifest  # noqa: E402
 from models.training.net import UNet  # noqa: E402
-from models.training.train import train_step  # noqa: E402
+from models.training.unet_training import train_step  # noqa: E402
 
 pytestmark = pytest.mark.training
 
