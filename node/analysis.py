@@ -3,7 +3,8 @@
 ``Analyser`` is what the worker holds (one per process): it loads and verifies the model
 from ``PipelineConfig.model_dir`` at construction (a missing or mismatched model is a
 ``ModelError`` at start-up, not at the first study), then turns DICOM files or datasets into
-``AnalysisResult``s. ``decode`` time is added to the result's timings as ``decode``.
+``AnalysisResult``s. ``decode`` time is added to the result's timings as ``decode``. It also
+holds the ``DecoderPool`` whose memory-limited processes decode compressed pixel data.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import structlog
 from pydicom.errors import InvalidDicomError
 
 from node import metrics
-from node.decode import MAX_PIXELS, DecodeError, decode
+from node.decode import MAX_PIXELS, DecodeError, DecoderPool, decode
+from node.decode_pool import DECODE_MEMORY_MB
 from pipeline import analyse, load_model
 from pipeline.config import PipelineConfig
 from pipeline.model import LesionModel
@@ -35,9 +37,13 @@ class Analyser:
         *,
         model: LesionModel | None = None,
         max_pixels: int = MAX_PIXELS,
+        decode_memory_mb: float | None = DECODE_MEMORY_MB,
     ) -> None:
+        """``decode_memory_mb``: ``[node] decode_memory_mb``; None decodes compressed data in
+        this process, without a memory limit (only for trusted files)."""
         self.config = config
         self.max_pixels = max_pixels
+        self.pool = None if decode_memory_mb is None else DecoderPool(decode_memory_mb)
         self.model = (
             model if model is not None else load_model(config.model_dir, threads=config.threads)
         )
@@ -53,10 +59,19 @@ class Analyser:
         """Run S100–S742 on an already decoded image."""
         return analyse(image, self.model, self.config)
 
+    def decode(self, ds: pydicom.Dataset) -> SourceImage:
+        """``node.decode.decode`` with this analyser's pixel budget and decoder processes."""
+        return decode(ds, max_pixels=self.max_pixels, pool=self.pool)
+
+    def close(self) -> None:
+        """End the idle decoder processes (they end with the process anyway)."""
+        if self.pool is not None:
+            self.pool.close()
+
     def analyse_dataset(self, ds: pydicom.Dataset) -> AnalysisResult:
         """Decode ``ds`` and analyse it; decode failures raise ``DecodeError``."""
         start = time.perf_counter()
-        image = decode(ds, max_pixels=self.max_pixels)
+        image = self.decode(ds)
         decode_ms = round((time.perf_counter() - start) * 1000.0, 2)
         result = self.analyse_image(image)
         timings = {"decode": decode_ms, **result.timings_ms}

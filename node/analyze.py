@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.analysis import Analyser
 from node.config import Config
-from node.decode import DecodeError, decode, max_pixels
+from node.decode import DecodeError, max_pixels
 from node.logs import configure_logging
 from pipeline.config import GradingConfig
 from pipeline.errors import ShadowSpotError
@@ -236,7 +236,7 @@ def analyse_path(analyser: Analyser, path: Path, spacing: float | None) -> Analy
         raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
     if not spacing:
         return analyser.analyse_dataset(ds)
-    image = decode(ds, max_pixels=analyser.max_pixels)
+    image = analyser.decode(ds)
     if image.spacing_mm is None:
         image = dataclasses.replace(image, spacing_mm=(spacing, spacing))
     return analyser.analyse_image(image)
@@ -253,7 +253,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # An interactive command: only warnings and errors besides the progress lines.
     configure_logging(fmt=getattr(args, "log_format", None) or "console", level="warning")
-    analyser = Analyser(config.pipeline, max_pixels=max_pixels(config))
+    analyser = Analyser(
+        config.pipeline,
+        max_pixels=max_pixels(config),
+        decode_memory_mb=config.node.decode_memory_mb,
+    )
     used: set[str] = set()
     failed = 0
     progress = len(inputs) > _PROGRESS_ABOVE

@@ -78,6 +78,12 @@ class NodeSection:
     max_decoded_megapixels: float = 100.0
     """Pixel budget of one image (rows × columns × frames × samples, in millions): a larger
     declared size, in the header or in any compressed frame, is refused before decoding."""
+    decode_memory_mb: float = 2048.0
+    """Memory a compressed image's decoding may take: it runs in a separate process whose
+    address space (RLIMIT_AS) is limited to its start-up size plus this; a decoder that needs
+    more is stopped and the instance fails (``DecodeMemoryError``). The default covers a
+    16-bit image of ``max_decoded_megapixels`` (JPEG 2000 takes up to about 16 bytes a pixel,
+    its codestream included)."""
     analysis_workers: int = 1
     """Worker threads that run the pipeline on queued studies."""
     min_patient_age_years: float = 18.0
@@ -104,6 +110,8 @@ class NodeSection:
             )
         if min(self.max_store_mb, self.max_decoded_megapixels) <= 0:
             raise ValueError("max_store_mb and max_decoded_megapixels must be positive")
+        if self.decode_memory_mb < 16:
+            raise ValueError(f"decode_memory_mb must be at least 16, got {self.decode_memory_mb}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,6 +6,13 @@ and the pixel spacing (``PixelSpacing``, else ``ImagerPixelSpacing``; zero or ma
 unknown). Multi-frame images (e.g. a secondary capture) contribute their first frame. YBR
 colour data is converted to RGB by pydicom. Any failure is a ``DecodeError`` (an
 ``InputImageError``), which the worker records against the instance.
+
+Two guards against images that would take the worker's memory. Before any decoder runs, the
+declared size (header, and each compressed frame's own header) is held to ``[node]
+max_decoded_megapixels``. Then compressed pixel data is decoded by a ``DecoderPool``
+(``node.decode_pool``) in a child process limited to ``[node] decode_memory_mb``, so a frame
+the size parser misreads still cannot take more; uncompressed data, whose size the header
+states exactly, is read here.
 """
 
 from __future__ import annotations
@@ -19,17 +26,12 @@ from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 
 from node.config import Config
-from node.errors import NodeError
-from pipeline.errors import InputImageError
+from node.decode_child import first_frame
+from node.decode_pool import DecoderPool
+from node.errors import DecodeError, DecodeMemoryError
 from pipeline.result import Photometric, SourceImage
 
-
-class DecodeError(NodeError, InputImageError):
-    """The DICOM pixel data cannot be turned into an image the pipeline understands.
-
-    A node error (raised by the node's decoder) that is also an ``InputImageError``: the
-    instance itself is unusable, retrying cannot help."""
-
+__all__ = ["MAX_PIXELS", "DecodeError", "DecodeMemoryError", "DecoderPool", "decode"]
 
 _PHOTOMETRIC = {
     "MONOCHROME1": Photometric.MONOCHROME1,
@@ -191,8 +193,7 @@ def _check_codestreams(ds: pydicom.Dataset, max_pixels: int) -> None:
     except (AttributeError, TypeError, ValueError) as exc:
         raise DecodeError("the image has no usable Rows, Columns or Number of Frames") from exc
     _check_budget(rows, columns, frames, samples, max_pixels)
-    meta = getattr(ds, "file_meta", None)
-    syntax = "" if meta is None else str(meta.get("TransferSyntaxUID", ""))
+    syntax = _transfer_syntax(ds)
     if syntax not in _JPEG_2000 and syntax not in _JPEG:
         return
     for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
@@ -207,34 +208,57 @@ def _check_codestreams(ds: pydicom.Dataset, max_pixels: int) -> None:
             )
 
 
-def _pixels(ds: pydicom.Dataset, photometric: str, max_pixels: int) -> np.ndarray[Any, Any]:
+_NATIVE = frozenset(
+    {
+        "",  # no file meta: a dataset built in memory, uncompressed
+        pydicom.uid.ImplicitVRLittleEndian,
+        pydicom.uid.ExplicitVRLittleEndian,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+        pydicom.uid.ExplicitVRBigEndian,
+    }
+)
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return "" if meta is None else str(meta.get("TransferSyntaxUID", ""))
+
+
+def _pixels(
+    ds: pydicom.Dataset, photometric: str, max_pixels: int, pool: DecoderPool | None
+) -> np.ndarray[Any, Any]:
+    """The first frame's pixels (palette colours applied); compressed ones decoded by the
+    pool's memory-limited processes, when there is a pool."""
     _check_codestreams(ds, max_pixels)
+    stored = None
+    if pool is not None and _transfer_syntax(ds) not in _NATIVE:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        stored = pool.first_frame(ds, most_values=int(ds.Rows) * int(ds.Columns) * samples)
     try:
+        pixels = first_frame(ds) if stored is None else stored  # pydicom: YBR → RGB
         if photometric == "PALETTE COLOR":
             from pydicom.pixels.processing import apply_color_lut
 
-            pixels = apply_color_lut(ds.pixel_array, ds)
-        else:
-            pixels = ds.pixel_array  # pydicom converts YBR to RGB by default
+            pixels = apply_color_lut(pixels, ds)
     except Exception as exc:  # the decoders raise many unrelated types
         raise DecodeError(f"cannot decode the pixel data: {exc}") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1 or (pixels.ndim == 3 and samples == 1) or pixels.ndim == 4:
-        pixels = pixels[0]
     return np.asarray(pixels)
 
 
-def decode(ds: pydicom.Dataset, *, max_pixels: int = MAX_PIXELS) -> SourceImage:
+def decode(
+    ds: pydicom.Dataset, *, max_pixels: int = MAX_PIXELS, pool: DecoderPool | None = None
+) -> SourceImage:
     """Build the pipeline's ``SourceImage`` from a DICOM dataset with pixel data, refusing
-    (``DecodeError``) an image over ``max_pixels`` before any decoder runs."""
+    (``DecodeError``) an image over ``max_pixels`` before any decoder runs. With ``pool``,
+    compressed pixel data is decoded in its memory-limited processes (``DecodeMemoryError``
+    over the limit); without, here (tests and tools that decode trusted files)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DecodeError("the dataset has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     kind = _PHOTOMETRIC.get(photometric)
     if kind is None:
         raise DecodeError(f"unsupported photometric interpretation {photometric!r}")
-    pixels = _pixels(ds, photometric, max_pixels)
+    pixels = _pixels(ds, photometric, max_pixels, pool)
     slope = _float(ds.get("RescaleSlope"))
     intercept = _float(ds.get("RescaleIntercept"))
     bits = ds.get("BitsStored")

@@ -4,6 +4,8 @@ ShadowSpotError (pipeline.errors)
 ├── PipelineError, InputImageError, ModelError   (pipeline.errors)
 └── NodeError
     ├── ConfigError           the configuration file is invalid; carries every problem
+    ├── DecodeError           the pixel data cannot be decoded (also an InputImageError)
+    │   └── DecodeMemoryError     decoding needs more than ``[node] decode_memory_mb``
     ├── ListenError           the Storage SCP cannot listen on its address and port
     ├── IngestError           an incoming instance is refused; carries its DIMSE status
     ├── EncodeError           a result object (SEG/SR/GSPS/SC) could not be built
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import ShadowSpotError
+from pipeline.errors import InputImageError, ShadowSpotError
 
 
 class NodeError(ShadowSpotError):
@@ -40,6 +42,17 @@ class ConfigError(NodeError):
         self.problems = tuple(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+class DecodeError(NodeError, InputImageError):
+    """The DICOM pixel data cannot be turned into an image the pipeline understands.
+
+    A node error (raised by the node's decoder) that is also an ``InputImageError``: the
+    instance itself is unusable, retrying cannot help."""
+
+
+class DecodeMemoryError(DecodeError):
+    """Decoding the pixel data needs more memory than the decoder process is allowed."""
 
 
 class ListenError(NodeError):

@@ -50,7 +50,12 @@ def load_analyser(config: Config) -> AnalyseFile | None:
     from node.decode import max_pixels
 
     try:
-        return Analyser(config.pipeline, max_pixels=max_pixels(config)).analyse_file
+        analyser = Analyser(
+            config.pipeline,
+            max_pixels=max_pixels(config),
+            decode_memory_mb=config.node.decode_memory_mb,
+        )
+        return analyser.analyse_file
     except PipelineError as exc:
         log.error("pipeline_unavailable", reason=str(exc), model_dir=str(config.pipeline.model_dir))
         metrics.record_error("pipeline_unavailable")
