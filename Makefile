@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql
 
 .PHONY: serve test check system-deps venv bench
 
@@ -25,27 +25,32 @@ $(VENV)/.train-extra: $(BIN)/shadowspot
 serve: venv
 	$(BIN)/shadowspot serve
 
-# Debian packages the tests use as independent peers: DCMTK, dciodvfy, Orthanc.
+# Debian packages the tests use as independent peers: DCMTK, dciodvfy, Orthanc, PostgreSQL
+# (Debian keeps its initdb and pg_ctl in /usr/lib/postgresql/<version>/bin, off PATH).
 system-deps:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc orthanc-dicomweb"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
+	  || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
-	@# The tests start Orthanc themselves; Debian's package enables a system service too. Turning
-	@# it off is best effort: a machine without systemd as init (a container, CI) cannot, and
-	@# needs not, since nothing starts the service there.
-	@if command -v systemctl >/dev/null && systemctl is-enabled orthanc >/dev/null 2>&1; then \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  if $$SUDO systemctl disable --now orthanc >/dev/null 2>&1; then \
-	    echo "system-deps: disabled the orthanc.service that Debian's package enabled"; \
-	  else \
-	    echo "system-deps: left orthanc.service alone (systemd is not running here)"; \
+	@# The tests start Orthanc and PostgreSQL themselves; Debian's packages enable system
+	@# services too. Turning them off is best effort: a machine without systemd as init (a
+	@# container, CI) cannot, and needs not, since nothing starts the services there.
+	@for service in orthanc postgresql; do \
+	  if command -v systemctl >/dev/null && systemctl is-enabled $$service >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    if $$SUDO systemctl disable --now $$service >/dev/null 2>&1; then \
+	      echo "system-deps: disabled the $$service.service that Debian's package enabled"; \
+	    else \
+	      echo "system-deps: left $$service.service alone (systemd is not running here)"; \
+	    fi; \
 	  fi; \
-	fi
+	done
 
 check: venv
 	$(BIN)/ruff check node pipeline tests bench models/training

@@ -7,6 +7,8 @@ ShadowSpotError (pipeline.errors)
     ├── DecodeError           the pixel data cannot be decoded (also an InputImageError)
     │   └── DecodeMemoryError     decoding needs more than ``[node] decode_memory_mb``
     ├── ListenError           the Storage SCP cannot listen on its address and port
+    ├── DatabaseError         the database cannot be used (``[database] url``, connection)
+    │   └── SchemaError           its schema is newer than this code, or older and not upgraded
     ├── IngestError           an incoming instance is refused; carries its DIMSE status
     ├── EncodeError           a result object (SEG/SR/GSPS/SC) could not be built
     └── ExportError           a delivery failed; ``retryable`` says whether to try again
@@ -57,6 +59,17 @@ class DecodeMemoryError(DecodeError):
 
 class ListenError(NodeError):
     """The Storage SCP cannot listen on its host and port (in use, not ours, no permission)."""
+
+
+class DatabaseError(NodeError):
+    """The node's database cannot be used: its URL names no backend we support, or it fails."""
+
+
+class SchemaError(DatabaseError):
+    """The database's schema is not the one this code expects.
+
+    Newer (written by a later ShadowSpot): refused, never downgraded. Older: ``shadowspot
+    migrate`` upgrades it."""
 
 
 class IngestError(NodeError):
