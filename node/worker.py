@@ -97,6 +97,15 @@ def not_analysed_because(header: InstanceHeader) -> str | None:
     return None
 
 
+def not_frontal_by_content(header: InstanceHeader, result: AnalysisResult) -> str | None:
+    """Without a View Position, the image itself must look frontal: a frontal chest shows two
+    lung fields (``AnalysisResult.lung_fields``), a lateral one superimposed field. None when
+    the header names the view, or the model has no lung channel to tell."""
+    if header.view_position.strip() or result.lung_fields is None or result.lung_fields >= 2:
+        return None
+    return "no View Position, and the image does not show two lung fields: not a frontal chest"
+
+
 class Worker(threading.Thread):
     """One worker thread: forms jobs of quiet studies, claims one at a time, processes it."""
 
@@ -227,6 +236,12 @@ class Worker(threading.Thread):
         try:
             with metrics.PIPELINE_SECONDS.time():
                 dataset, result = self._hooks.analyse_file(instance.path)
+            if (reason := not_frontal_by_content(instance.header, result)) is not None:
+                self._queue.finish_instance(
+                    instance.sop_instance_uid, InstanceState.SKIPPED, reason
+                )
+                log.info("instance_skipped", reason=reason)
+                return InstanceState.SKIPPED
             self._hooks.publish(dataset=dataset, result=result, job=job, instance=instance)
         except ModelError as exc:
             log.error("pipeline_unavailable", error=type(exc).__name__)

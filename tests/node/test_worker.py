@@ -40,6 +40,7 @@ class Recorder:
     crash_on: set[str] = field(default_factory=set)
     bad_input: set[str] = field(default_factory=set)
     spacing_mm: tuple[float, float] | None = None
+    lung_fields: dict[str, int] = field(default_factory=dict)
 
     def analyse_file(self, path: Path, /) -> tuple[Dataset, AnalysisResult]:
         ds = pydicom.dcmread(path)
@@ -59,6 +60,7 @@ class Recorder:
             model_version="0",
             timings_ms={},
             enhanced_image=np.zeros(shape, np.float32),
+            lung_fields=self.lung_fields.get(uid_, 2),
         )
 
     def publish(
@@ -288,3 +290,20 @@ def test_a_job_whose_processing_raises_is_not_left_running(
         f"job failed: processing raised RuntimeError; gave up after {queue.max_attempts} attempts"
     )
     assert {(i.state, i.reason) for i in queue.instances()} == {(InstanceState.FAILED, reason)}
+
+
+def test_without_a_view_position_an_image_must_show_two_lung_fields(tmp_path: Path) -> None:
+    """Scope by content: with no View Position, an image whose lung channel shows one field
+    (a lateral) is skipped, not published; a header that names a frontal view is trusted."""
+    study = uid.generate_uid()
+    frontal, lateral, named = (make_image(study_uid=study) for _ in range(3))
+    for ds in (frontal, lateral):
+        del ds.ViewPosition
+    named.ViewPosition = "PA"
+    recorder = Recorder(lung_fields={lateral.SOPInstanceUID: 1, named.SOPInstanceUID: 1})
+    queue = _received(tmp_path, frontal, lateral, named)
+    assert _run_one(queue, recorder.hooks()) is JobState.DONE
+    states = {i.sop_instance_uid: i for i in queue.instances()}
+    assert states[lateral.SOPInstanceUID].state is InstanceState.SKIPPED
+    assert "two lung fields" in (states[lateral.SOPInstanceUID].reason or "")
+    assert sorted(recorder.published) == sorted([frontal.SOPInstanceUID, named.SOPInstanceUID])

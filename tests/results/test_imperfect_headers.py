@@ -22,6 +22,7 @@ import pydicom
 import pytest
 from pydicom import Dataset, uid
 
+from models.training.shared_data import DICOM
 from node import results
 from node.analysis import Analyser
 from node.config import Config, default_config
@@ -355,3 +356,23 @@ def test_a_type_1_problem_through_the_worker_fails_the_job_with_the_reason(
     (study,) = status.recent_studies
     assert study.state == "failed" and study.instances == {"failed": 1}
     assert "failed" in format_status(status)
+
+
+def test_a_lateral_without_view_position_is_skipped_by_its_content(
+    tmp_path: Path, analyser: Analyser
+) -> None:
+    """The issue's dog lateral (``dx_image.dcm``) with its age (Patient Age, Birth Date)
+    and View Position gone: the shipped model's lung channel shows one field, so nothing goes
+    to the PACS; RG1 without View Position shows two and gets its results."""
+    lateral = new_instance(pydicom.dcmread(DICOM / "dx_image.dcm"))
+    frontal = new_instance(rg1())
+    for ds in (lateral, frontal):
+        for keyword in ("PatientAge", "PatientBirthDate", "ViewPosition"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    queue = run_worker(tmp_path, analyser, lateral, frontal)
+    states = {i.sop_instance_uid: i for i in queue.instances()}
+    assert states[lateral.SOPInstanceUID].state is InstanceState.SKIPPED
+    assert "two lung fields" in (states[lateral.SOPInstanceUID].reason or "")
+    assert states[frontal.SOPInstanceUID].state is InstanceState.ANALYSED
+    assert set(written(tmp_path)) >= {"seg", "sr"}
