@@ -6,7 +6,8 @@ import-linter contract in ``pyproject.toml`` keeps it that way.
 
 from pipeline.analyse import analyse
 from pipeline.config import PipelineConfig
-from pipeline.model import LesionModel, Manifest, load_model
+from pipeline.manifest import Manifest
+from pipeline.model import LesionModel, load_model
 from pipeline.result import AnalysisResult, Finding, SourceImage
 from pipeline.window import model_input
 

@@ -31,7 +31,7 @@ from pipeline.contours import ContourMark
 from pipeline.evidence import Mark
 from pipeline.geometry import Box, bounding_box, grow
 from pipeline.itk import gaussian
-from pipeline.model import Channel
+from pipeline.manifest import Channel
 from pipeline.window import Preprocessed, resize
 
 FloatArray = npt.NDArray[np.float32]

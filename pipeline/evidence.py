@@ -24,7 +24,7 @@ from pipeline.itk import (
     quantise,
     watershed_from_markers,
 )
-from pipeline.model import Channel
+from pipeline.manifest import Channel
 from pipeline.watershed import Regions
 
 FloatArray = npt.NDArray[np.float32]

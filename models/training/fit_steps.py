@@ -37,7 +37,7 @@ from models.training.fits import (
     group_choice_weights,
 )
 from models.training.scoring import normal_studies
-from pipeline.model import VIEW_FUSIONS
+from pipeline.manifest import VIEW_FUSIONS
 
 Choice = TypeVar("Choice")
 AGAIN = "--choose-operating-point again"

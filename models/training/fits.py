@@ -24,7 +24,7 @@ from models.training.dataset import Record
 from models.training.engines import Analysed, EnsembleChoice, Found, as_box
 from models.training.labels import GROUPS
 from models.training.scoring import detections, truth
-from pipeline.model import VIEW_FUSIONS
+from pipeline.manifest import VIEW_FUSIONS
 
 Choice = TypeVar("Choice")
 

@@ -322,7 +322,8 @@ def test_evaluate_fits_view_fusion_into_the_manifest(tmp_path: Path) -> None:
     finding channel and its rule into the manifest; the pipeline loads it. A model without
     zoom scales has one view: the command refuses."""
     from models.training.evaluate import main
-    from pipeline.model import VIEW_FUSIONS, load_model
+    from pipeline.manifest import VIEW_FUSIONS
+    from pipeline.model import load_model
     from tests.model.folders import folder_with_normals
     from tests.pipeline.tiny_model import build_tiny_model
 

@@ -21,7 +21,8 @@ import SimpleITK as sitk
 from models.training.shared_data import CXR_LESIONS
 from pipeline.analyse import analyse
 from pipeline.config import PipelineConfig
-from pipeline.model import load_model, parse_manifest
+from pipeline.manifest import parse_manifest
+from pipeline.model import load_model
 from pipeline.result import FindingGroup, FindingType, SourceImage
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -124,7 +124,7 @@ def test_the_support_power_is_read_per_channel_and_checked(tmp_path: Path) -> No
             load_model(folder)
     manifest["operating_point"]["support_power"] = [1.0]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelError, match=r"support_power must be an object"):
+    with pytest.raises(ModelError, match=r"support_power: must be an object"):
         load_model(folder)
 
 
@@ -180,3 +180,21 @@ def test_the_shipped_model_loads() -> None:
     assert model.predict(np.zeros((1, h, w), dtype=np.float32)).shape[1] == len(
         model.manifest.channels
     )
+
+
+def test_every_manifest_mistake_is_named_at_once(tmp_path: Path) -> None:
+    """The manifest goes through the config's typed validator (``pipeline.schema``): three
+    mistakes in three places come back in one ModelError, each at its key."""
+    from pipeline.manifest import parse_manifest
+
+    folder = build_tiny_model(tmp_path, size=64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["input"]["height"] = "64"
+    manifest["operating_point"]["thresholds"] = {"spot": 1.2}
+    manifest["channels"][0]["finding_type"] = "polyp"
+    with pytest.raises(ModelError) as caught:
+        parse_manifest(manifest)
+    message = str(caught.value)
+    assert "input.height: must be an integer" in message
+    assert "operating_point.thresholds.spot: must be in (0, 1)" in message
+    assert "channels[0].finding_type: must be one of" in message

@@ -36,7 +36,7 @@ from pipeline.geometry import (
 from pipeline.grading import grade
 from pipeline.grey import GreyImage, analyse_distribution
 from pipeline.lung import lung_field, side_and_zone
-from pipeline.model import Channel
+from pipeline.manifest import Channel
 from pipeline.result import FindingGroup, FindingType, Side, Zone
 from pipeline.watershed import merge_regions, segment_regions
 from pipeline.window import Preprocessed, Window, WindowSource, preprocess
