@@ -110,3 +110,19 @@ def test_the_measure_counts_functions_from_def_to_end(tmp_path: Path) -> None:
     assert offences([dataclasses.replace(size, lines=MAX_MODULE_LINES + 1)])[0].endswith(
         f"{MAX_MODULE_LINES + 1} lines (limit {MAX_MODULE_LINES})"
     )
+
+
+@pytest.mark.parametrize(("document", "limit"), [("README.md", 250), ("models/MODEL_CARD.md", 250)])
+def test_the_readme_and_the_card_stay_short(document: str, limit: int) -> None:
+    """The README serves users and the card describes the shipped model; the lab's history
+    lives in models/training/EXPERIMENTS.md (issue 25)."""
+    lines = len((REPO / document).read_text(encoding="utf-8").splitlines())
+    assert lines <= limit, f"{document}: {lines} lines, at most {limit}"
+
+
+def test_committed_evaluation_json_stays_a_summary_per_release() -> None:
+    """At most 3,000 lines of evaluation JSON in the tree: one summary per shipped release;
+    the commands produce the rest."""
+    files = sorted((REPO / "models" / "training" / "eval").glob("*.json"))
+    lines = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in files)
+    assert lines <= 3000, f"{lines} lines of evaluation JSON in models/training/eval"
