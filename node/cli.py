@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_lazy("node.status_cmd"))
 
+    p = sub.add_parser(
+        "migrate",
+        help="upgrade the database ([database] url) to this version's schema",
+    )
+    _add_config(p)
+    p.set_defaults(handler=_lazy("node.migrate_cmd"))
+
     p = sub.add_parser("cleanup", help="remove spool and result files older than [retention]")
     _add_config(p)
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")

@@ -228,6 +228,36 @@ class RetentionConfig:
             raise ValueError("retention days must be 0 or more")
 
 
+_DATABASE_URL = re.compile(r"^(sqlite:///.+|postgresql(\+psycopg)?://.+)$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseConfig:
+    """``[database]``: where the queue, results and deliveries are kept, and job leases."""
+
+    url: str = ""
+    """Empty: the SQLite file ``<storage>/shadowspot.db``. Else ``sqlite:///path`` (another
+    SQLite file) or ``postgresql://user[:password]@host[:port]/database`` (PostgreSQL, shared
+    by several nodes)."""
+    lease_seconds: float = 60.0
+    """A worker holds a running job for this long, renewed by its heartbeat (every third of
+    it); a job whose lease expired (its worker died) goes back to the queue for another."""
+
+    def __post_init__(self) -> None:
+        if self.url and not _DATABASE_URL.match(self.url):
+            raise ValueError(
+                "url must be empty (SQLite under the storage folder), sqlite:///path or "
+                "postgresql://user@host:port/database"
+            )
+        if self.lease_seconds < 3:
+            raise ValueError(f"lease_seconds must be at least 3, got {self.lease_seconds}")
+
+    @property
+    def url_or_default(self) -> str | None:
+        """The URL to open (None: the default SQLite file under the storage folder)."""
+        return self.url or None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingConfig:
     """``[logging]``: structlog output."""
@@ -250,6 +280,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     source: str = "<embedded defaults>"

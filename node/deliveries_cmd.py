@@ -15,7 +15,9 @@ from node.export import Exporter
 
 def _store(config: Config) -> DeliveryStore:
     return DeliveryStore(
-        config.node.storage, retry_schedule_seconds=config.export.retry_schedule_seconds
+        config.node.storage,
+        retry_schedule_seconds=config.export.retry_schedule_seconds,
+        url=config.database.url_or_default,
     )
 
 

@@ -181,7 +181,7 @@ class Exporter:
         """One pass: send every due delivery of ``destination``, one association per study,
         one study after the other. None: another pass holds the destination (module
         docstring), so this one sent nothing."""
-        with sending_to(self.store.path.parent, destination.name) as ours:
+        with sending_to(self.store.storage, destination.name) as ours:
             if not ours:
                 return None
             by_study: dict[str, list[Delivery]] = defaultdict(list)

@@ -18,9 +18,9 @@ import argparse
 import sys
 
 from node.config import Config
-from node.db import database_path
 from node.errors import NodeError
 from node.queue import Abandoned, AbandonedInstance, InstanceState, Queue
+from node.store.engine import DB_NAME
 
 
 def _was(a: AbandonedInstance) -> str:
@@ -55,11 +55,11 @@ def retry(args: argparse.Namespace, config: Config) -> int:
             file=sys.stderr,
         )
         return 2
-    db = database_path(config.node.storage)
-    if not db.is_file():
+    url, db = config.database.url_or_default, config.node.storage / DB_NAME
+    if url is None and not db.is_file():
         raise NodeError(f"no queue database at {db}: has the node run with this storage?")
     kinds = [Abandoned(args.state)] if args.state else list(Abandoned)
-    queue = Queue(config.node.storage, study_quiet_seconds=config.node.study_quiet_seconds)
+    queue = Queue(config.node.storage, study_quiet_seconds=config.node.study_quiet_seconds, url=url)
     try:
         found = queue.abandoned(
             sop_instance_uids=args.ids, study_instance_uids=args.study or (), kinds=kinds

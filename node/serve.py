@@ -1,6 +1,8 @@
 """``shadowspot serve``: start the node and stop it cleanly.
 
-Start-up order: logging → storage folders → queue (recover jobs a dead process left running,
+Start-up order: logging → storage folders → database (``[database] url``; SQLite: its schema
+upgraded, PostgreSQL: checked, refused with ``SchemaError`` until ``shadowspot migrate`` ran) →
+queue (recover jobs whose lease expired, on SQLite every job a dead process left running;
 adopt spooled files a crash left unrecorded) → worker threads → Storage SCP. SIGTERM/SIGINT:
 stop accepting associations, finish the C-STOREs in flight, let the workers hand back their
 jobs, close the database.
@@ -30,6 +32,7 @@ from node.queue import Instance, Job, Queue
 from node.retention import RetentionThread
 from node.scp import StorageSCP
 from node.spool import Spool, inspect
+from node.store.database import Schema, open_database
 from node.worker import AnalyseFile, PipelineHooks, Worker
 from pipeline.errors import ModelError, PipelineError
 from pipeline.result import AnalysisResult
@@ -69,10 +72,22 @@ class Node:
         self.config = config
         storage = config.node.storage
         storage.mkdir(parents=True, exist_ok=True)
-        self.queue = Queue(storage, study_quiet_seconds=config.node.study_quiet_seconds)
+        self.database = open_database(
+            config.database.url_or_default, storage=storage, schema=Schema.AUTO
+        )
+        """SQLite: upgraded to this version's schema; PostgreSQL: checked (``SchemaError``
+        unless ``shadowspot migrate`` brought it there)."""
+        self.queue = Queue(
+            storage,
+            study_quiet_seconds=config.node.study_quiet_seconds,
+            database=self.database,
+            lease_seconds=config.database.lease_seconds,
+        )
         self.spool = Spool(storage, min_free_bytes=int(config.node.min_free_mb * 1_000_000))
         self.deliveries = DeliveryStore(
-            storage, retry_schedule_seconds=config.export.retry_schedule_seconds
+            storage,
+            retry_schedule_seconds=config.export.retry_schedule_seconds,
+            database=self.database,
         )
         self.exporter = Exporter(config, self.deliveries)
         self.alerts = AlertNotifier(config.alerts)
@@ -193,6 +208,7 @@ class Node:
         self.alerts.close()
         self.queue.close()
         self.deliveries.close()
+        self.database.close()
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

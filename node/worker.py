@@ -7,9 +7,14 @@ given (``PipelineHooks``): ``analyse_file(path)`` (``node.analysis``) and ``publ
 the next process that has a pipeline puts it back in the queue.
 
 Each finished instance is committed at once, so a job interrupted by a crash or a shutdown only
-re-runs what it had not finished. A job whose processing raises past the per-instance handling
-is never left ``running``: the loop hands it to ``Queue.interrupted`` (queued again, or failed
-with its unfinished instances after ``max_attempts``).
+re-runs what it had not finished. While it processes a job, the worker's ``Heartbeat`` thread
+renews the job's lease every third of ``lease_seconds``; a worker whose heartbeat finds the
+lease lost (it stalled past the lease, and the job went back to the queue) stops that job
+without finishing it: whoever claimed it next runs it.
+
+A job whose processing raises past the per-instance handling is never left ``running``: the
+loop hands it to ``Queue.interrupted`` (queued again, or failed with its unfinished instances
+after ``max_attempts``).
 
 ``publish`` must itself be idempotent per SOP instance (its result UIDs are generated once and
 stored), because a crash between ``publish`` returning and the instance being marked
@@ -18,7 +23,6 @@ stored), because a crash between ``publish`` returning and the instance being ma
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -32,6 +36,7 @@ import structlog
 from pydicom import Dataset, uid
 
 from node import metrics
+from node.errors import DatabaseError
 from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
 from node.scope import out_of_scope
 from node.scrub import patient_values, protecting, scrub
@@ -106,6 +111,34 @@ def not_frontal_by_content(header: InstanceHeader, result: AnalysisResult) -> st
     return "no View Position, and the image does not show two lung fields: not a frontal chest"
 
 
+class Heartbeat(threading.Thread):
+    """Renews the lease on one claimed job every ``interval`` seconds until ``stop()``;
+    ``lost`` is set once the queue says the lease is no longer this worker's."""
+
+    def __init__(self, queue: Queue, job_id: int, *, interval: float) -> None:
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self._queue = queue
+        self._job_id = job_id
+        self._interval = interval
+        self._stopping = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            try:
+                held = self._queue.heartbeat(self._job_id)
+            except DatabaseError as exc:  # unreachable for now: the lease may still hold
+                log.warning("heartbeat_failed", job_id=self._job_id, error=str(exc))
+                continue
+            if not held:
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=10)
+
+
 class Worker(threading.Thread):
     """One worker thread: forms jobs of quiet studies, claims one at a time, processes it."""
 
@@ -150,7 +183,7 @@ class Worker(threading.Thread):
         its instances once its attempts are used up (``Queue.interrupted``)."""
         try:
             state = self._queue.interrupted(job.id, f"processing raised {type(exc).__name__}")
-        except sqlite3.Error as db_exc:  # the database itself fails: recover() at next start
+        except DatabaseError as db_exc:  # the database itself fails: its lease runs out
             log.error("job_not_recorded", job_id=job.id, error=type(db_exc).__name__)
             return
         log.warning("job_interrupted", job_id=job.id, attempt=job.attempts, state=state)
@@ -163,10 +196,15 @@ class Worker(threading.Thread):
             "calling_ae": job.calling_ae,
             "attempt": job.attempts,
         }
-        with structlog.contextvars.bound_contextvars(**context):
-            return self._process(job)
+        heartbeat = Heartbeat(self._queue, job.id, interval=self._queue.lease_seconds / 3)
+        heartbeat.start()
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                return self._process(job, heartbeat.lost)
+        finally:
+            heartbeat.stop()
 
-    def _process(self, job: Job) -> JobState:
+    def _process(self, job: Job, lost: threading.Event) -> JobState:
         started = time.monotonic()
         outcomes: Counter[str] = Counter()
         waiting_reason: str | None = None
@@ -174,6 +212,9 @@ class Worker(threading.Thread):
             if instance.state.finished:
                 outcomes["already_" + instance.state.value] += 1
                 continue
+            if lost.is_set():  # another worker holds it now: leave it to that one
+                log.warning("job_lease_lost", **outcomes)
+                return JobState.QUEUED
             if self._stop_event.is_set():
                 self._queue.release(job.id)
                 log.info("job_released", **outcomes)

@@ -102,3 +102,28 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_write(tmp_path, "[node\n"))
+
+
+def test_database_section_is_validated(tmp_path: Path) -> None:
+    """``[database]``: empty url means SQLite under the storage folder, lease 60 s; a URL of
+    another scheme, a lease under 3 s and an unknown key are each reported by key."""
+    assert (Config().database.url_or_default, Config().database.lease_seconds) == (None, 60.0)
+    good = load_config(
+        _write(
+            tmp_path,
+            f'[node]\nstorage = "{tmp_path / "var"}"\n'
+            '[database]\nurl = "postgresql://shadowspot@db:5432/shadowspot"\n'
+            "lease_seconds = 30\n",
+        )
+    )
+    assert good.database.url_or_default == "postgresql://shadowspot@db:5432/shadowspot"
+    assert good.database.lease_seconds == 30.0
+    path = _write(
+        tmp_path,
+        f'[node]\nstorage = "{tmp_path / "var"}"\n'
+        '[database]\nurl = "mysql://db/x"\nlease_seconds = 1\nleases = 3\n',
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    keys = {p.key for p in caught.value.problems}
+    assert keys == {"database.url", "database.lease_seconds", "database.leases"}

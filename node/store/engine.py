@@ -89,4 +89,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: object) -> None:
 
 
 def _on_sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    """``BEGIN IMMEDIATE``; a plain ``BEGIN`` for a connection marked read-only (execution
+    option ``shadowspot_read_only``): a reader never waits for the write lock."""
+    read_only = connection.get_execution_options().get("shadowspot_read_only", False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

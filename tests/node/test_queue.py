@@ -1,4 +1,5 @@
-"""The SQLite job queue: grouping by quiet period, job states, recovery after a crash."""
+"""The job queue on its default SQLite file: grouping by quiet period, job states, recovery
+after a crash (``tests/store/test_jobs.py``: on both backends)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import uid
+from sqlalchemy import update
 
 from node.dimse import Status
 from node.queue import Abandoned, InstanceHeader, InstanceState, JobState, Queue
+from node.store.schema import jobs
 from tests.node.conftest import NODE_AE, StartNode, make_config, make_image, scu
 
 T0 = 1_800_000_000.0
@@ -214,8 +217,8 @@ def _over(queue: Queue, study: str, states: dict[int, InstanceState], job: JobSt
     for n, state in states.items():
         if state.finished:
             queue.finish_instance(f"1.2.3.{study}.{n}", state, f"{state} on purpose")
-    with queue._transaction() as db:  # an older node's end: instances left unfinished
-        db.execute("UPDATE jobs SET state = ? WHERE id = ?", (job, formed.id))
+    with queue.database.write() as db:  # an older node's end: instances left unfinished
+        db.execute(update(jobs).where(jobs.c.id == formed.id).values(state=job))
     return formed.id
 
 

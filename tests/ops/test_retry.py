@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from pydicom import Dataset, uid
 from pynetdicom import AE, evt
+from sqlalchemy import update
 
 from bench.procs import SHADOWSPOT, NodeProcess
 from node.cli import main
@@ -25,6 +26,7 @@ from node.dimse import Status
 from node.export import Exporter
 from node.queue import InstanceState, JobState, Queue
 from node.serve import Node
+from node.store.schema import instances
 from tests.node.conftest import NODE_AE, make_config, make_image, scu
 from tests.node.test_intake import Flaky
 
@@ -119,10 +121,11 @@ def test_retry_instances_without_a_running_node(
     node.stop(grace_seconds=2.0)
     nodes.clear()
     queue = Queue(storage, study_quiet_seconds=0.1)
-    with queue._transaction() as db:  # a node of an older version left it queued in the job
+    with queue.database.write() as db:  # a node of an older version left it queued in the job
         db.execute(
-            "UPDATE instances SET state = 'queued', reason = NULL WHERE sop_instance_uid = ?",
-            (second.SOPInstanceUID,),
+            update(instances)
+            .where(instances.c.sop_instance_uid == second.SOPInstanceUID)
+            .values(state="queued", reason=None)
         )
     queue.close()
 

@@ -1,7 +1,7 @@
-"""A SQLite database written by the code before migrations (``node/queue.py`` and
-``node/deliveries.py`` with their ``CREATE TABLE IF NOT EXISTS`` scripts) is recognised as
-the baseline and upgraded keeping every row; one that only looks like it is refused
-untouched; and today's code keeps working on an upgraded database."""
+"""A SQLite database written by the code before migrations (``tests/store/legacy.py``: its
+``CREATE TABLE IF NOT EXISTS`` scripts and statements) is recognised as the baseline and
+upgraded keeping every row; one that only looks like it is refused untouched; the queue and
+the deliveries carry on on an upgraded one; ``shadowspot migrate`` says what it did."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from node.cli import main
 from node.deliveries import DeliveryState, DeliveryStore, NewDelivery
 from node.errors import SchemaError
-from node.queue import InstanceHeader, InstanceState, JobState, Queue
+from node.queue import InstanceHeader, JobState, Queue
 from node.store import migrate
 from node.store.engine import open_engine
+from tests.store.legacy import DESTINATION, STUDY, write_legacy
 
-STUDY = "1.2.826.0.1.3680043.10.1234.1"
-DESTINATION = "PACS"
 _KEYS = {"jobs": "id", "instances": "sop_instance_uid", "results": "source_sop_instance_uid"}
 _KEYS["deliveries"] = "id"
 
@@ -35,46 +35,6 @@ def _header(n: int) -> InstanceHeader:
         body_part_examined="CHEST",
         view_position="PA",
     )
-
-
-def _write_as_today(storage: Path) -> None:
-    """Rows in every table through today's API: instances in a finished job and one still
-    waiting, result UIDs, a delivered and a failed delivery."""
-    queue = Queue(storage, study_quiet_seconds=0)
-    deliveries = DeliveryStore(storage, retry_schedule_seconds=[30.0])
-    try:
-        for n in (1, 2):
-            queue.add_instance(
-                _header(n), path=storage / f"{n}.dcm", calling_ae="MODALITY", peer="127.0.0.1"
-            )
-        (job,) = queue.form_jobs()
-        claimed = queue.claim()
-        assert claimed is not None and claimed.id == job.id
-        queue.finish_instance(f"{STUDY}.1", InstanceState.ANALYSED, None)
-        queue.finish_instance(f"{STUDY}.2", InstanceState.SKIPPED, "lateral")
-        queue.finish_job(job.id, JobState.DONE, "2 instances")
-        queue.add_instance(
-            _header(3), path=storage / "3.dcm", calling_ae="MODALITY", peer="127.0.0.1"
-        )
-        uids = deliveries.result_uids(f"{STUDY}.1", STUDY)
-        items = [
-            NewDelivery(
-                study_instance_uid=STUDY,
-                sop_instance_uid=objects.sop_instance_uid,
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                kind=kind,
-                path=storage / f"{kind}.dcm",
-            )
-            for kind, objects in (("seg", uids.seg), ("sr", uids.sr))
-        ]
-        first, second = deliveries.enqueue(DESTINATION, items)
-        deliveries.claim_due(DESTINATION)
-        deliveries.mark_delivered(first)
-        deliveries.mark_failed(second, "association rejected", retryable=True)
-    finally:
-        queue.close()
-        deliveries.close()
 
 
 def _rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -105,7 +65,7 @@ def engine(storage: Path) -> Iterator[Engine]:
 def test_a_database_of_today_is_adopted_and_keeps_its_rows(storage: Path, engine: Engine) -> None:
     """No ``alembic_version`` but our tables: recognised as the baseline, upgraded to head;
     every row is still there, jobs hold no lease, and the tables match the metadata."""
-    _write_as_today(storage)
+    write_legacy(storage)
     before = _rows(storage / "shadowspot.db")
     with pytest.raises(SchemaError, match="written before schema versions"):
         migrate.check(engine)
@@ -124,7 +84,7 @@ def test_a_database_with_only_the_queue_gets_the_missing_tables(
     storage: Path, engine: Engine
 ) -> None:
     """A database where only the queue ever ran: adopted; the delivery tables are created."""
-    Queue(storage, study_quiet_seconds=0).close()
+    write_legacy(storage, deliveries=False)
     done = migrate.upgrade(engine)
     assert done.adopted
     with engine.connect() as connection:
@@ -136,6 +96,7 @@ def test_tables_of_another_shape_are_refused_and_left_unchanged(
 ) -> None:
     """Tables named like ours but shaped otherwise are not the baseline: ``SchemaError``,
     and the upgrade's one transaction leaves no trace (no version, no lease columns)."""
+    storage.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(storage / "shadowspot.db") as db:
         db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, state TEXT NOT NULL)")
     db.close()
@@ -153,21 +114,29 @@ def test_tables_of_another_shape_are_refused_and_left_unchanged(
 def test_todays_code_keeps_working_on_an_upgraded_database(
     storage: Path, engine: Engine, written_before: bool
 ) -> None:
-    """Until the queue and the deliveries move onto the store, they open a database at head
-    (adopted, or created by the migrations) and read and write it as before."""
+    """The queue and the deliveries work on a database at head (adopted, or created by the
+    migrations): the job the old node left running is recovered with its unfinished
+    instance, a new instance is grouped and claimed, result UIDs kept."""
     if written_before:
-        _write_as_today(storage)
+        write_legacy(storage)
     migrate.upgrade(engine)
     engine.dispose()
     queue = Queue(storage, study_quiet_seconds=0)
     deliveries = DeliveryStore(storage, retry_schedule_seconds=[30.0])
     try:
+        if written_before:
+            assert queue.recover() == (1, 0)
+            assert deliveries.counts()[DeliveryState.DELIVERED] == 1
+            claimed = queue.claim()
+            assert claimed is not None and claimed.id == 2 and claimed.attempts == 2
+            assert [i.sop_instance_uid for i in queue.instances_of(2)] == [f"{STUDY}.3"]
+            queue.finish_job(2, JobState.DONE)
         assert queue.add_instance(
-            _header(4), path=storage / "4.dcm", calling_ae="MODALITY", peer="127.0.0.1"
+            _header(5), path=storage / "5.dcm", calling_ae="MODALITY", peer="127.0.0.1"
         )
         assert queue.form_jobs() and queue.claim() is not None
-        uids = deliveries.result_uids(f"{STUDY}.4", STUDY)
-        assert uids == deliveries.result_uids(f"{STUDY}.4", STUDY)
+        uids = deliveries.result_uids(f"{STUDY}.5", STUDY)
+        assert uids == deliveries.result_uids(f"{STUDY}.5", STUDY)
         (delivery_id,) = deliveries.enqueue(
             DESTINATION,
             [
@@ -177,12 +146,30 @@ def test_todays_code_keeps_working_on_an_upgraded_database(
                     sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
                     transfer_syntax_uid="1.2.840.10008.1.2.1",
                     kind="seg",
-                    path=storage / "seg4.dcm",
+                    path=storage / "seg5.dcm",
                 )
             ],
         )
-        assert [d.id for d in deliveries.claim_due(DESTINATION)] == [delivery_id]
-        assert deliveries.counts()[DeliveryState.SENDING] == 1
+        due = [d.id for d in deliveries.claim_due(DESTINATION)]
+        assert due == ([2, delivery_id] if written_before else [delivery_id])  # 2: its retry
+        assert deliveries.counts()[DeliveryState.SENDING] == len(due)
     finally:
         queue.close()
         deliveries.close()
+
+
+def test_migrate_command_upgrades_an_old_database_and_says_from_what(
+    storage: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``shadowspot migrate --config FILE`` on the old code's database: upgraded, every row
+    kept, the revisions printed; run again, it has nothing to do."""
+    write_legacy(storage)
+    before = _rows(storage / "shadowspot.db")
+    config = tmp_path / "shadowspot.toml"
+    config.write_text(f'[node]\nstorage = "{storage}"\n', encoding="utf-8")
+    assert main(["migrate", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"written before schema versions → {migrate.head()}" in out
+    assert _rows(storage / "shadowspot.db") == before
+    assert main(["migrate", "--config", str(config)]) == 0
+    assert f"at schema revision {migrate.head()}, nothing to do" in capsys.readouterr().out
