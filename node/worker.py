@@ -40,6 +40,7 @@ from node.errors import DatabaseError
 from node.queue import Instance, InstanceHeader, InstanceState, Job, JobState, Queue
 from node.scope import out_of_scope
 from node.scrub import patient_values, protecting, scrub
+from node.store.jobs import JobStore
 from pipeline.errors import InputImageError, ModelError
 from pipeline.result import AnalysisResult
 
@@ -115,7 +116,7 @@ class Heartbeat(threading.Thread):
     """Renews the lease on one claimed job every ``interval`` seconds until ``stop()``;
     ``lost`` is set once the queue says the lease is no longer this worker's."""
 
-    def __init__(self, queue: Queue, job_id: int, *, interval: float) -> None:
+    def __init__(self, queue: JobStore, job_id: int, *, interval: float) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
         self._queue = queue
         self._job_id = job_id

@@ -279,8 +279,14 @@ class JobStore:
         )
         with self.database.write() as db:
             dialect_insert = pg_insert if db.dialect.name == "postgresql" else sqlite_insert
-            statement = dialect_insert(I).values(values).on_conflict_do_nothing()
-            return db.execute(statement).rowcount == 1
+            statement = (
+                dialect_insert(I)
+                .values(values)
+                .on_conflict_do_nothing()
+                .returning(I.c.sop_instance_uid)
+            )
+            # the row it returns says it was inserted (psycopg's rowcount here is -1)
+            return db.execute(statement).first() is not None
 
     def readmit(
         self, header: InstanceHeader, *, path: Path, calling_ae: str, peer: str
