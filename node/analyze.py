@@ -4,7 +4,8 @@ Reads DICOM, PNG or JPEG files (PNG/JPEG for research and demos: their spacing i
 unless ``--spacing`` gives it). For each input writes ``DIR/<stem>.json`` (the contract in
 the README: source, alert, findings with label/probability/grade/alert/box/area_mm2/side/
 zone, timings_ms, plus colour, contour and model details) and ``DIR/<stem>.png``: the
-enhanced image (S530) with each finding outlined in its grade colour, labelled, and a legend.
+enhanced image (S530) with each finding outlined in its grade colour, labelled with
+``node.encode.common.finding_label`` (the words of the SEG, GSPS and SR), and a legend.
 Progress goes to stderr when more than a few inputs are given. The model is loaded once.
 """
 
@@ -28,6 +29,7 @@ from pydicom.errors import InvalidDicomError
 from node.analysis import Analyser
 from node.config import Config
 from node.decode import DecodeError, max_pixels
+from node.encode.common import finding_label
 from node.logs import configure_logging
 from pipeline.config import GradingConfig
 from pipeline.errors import ShadowSpotError
@@ -128,8 +130,7 @@ def _outline(image: Image.Image, findings: tuple[Finding, ...], style: _Style) -
     for f in findings:
         points = _points(f, k)
         draw.line([*points, points[0]], fill=f.colour, width=line, joint="curve")
-        label = f"{f.finding_type.value} {f.probability:.2f} G{f.grade}"
-        label += " ALERT" if f.alert else ""
+        label = finding_label(f)  # the same words as the SEG, GSPS and SR of the finding
         x0, y0, y1 = f.box[0] * k, f.box[1] * k, f.box[3] * k
         ty = y0 - style.text - 2 * line if y0 > style.text + 2 * line else y1 + line
         draw.text(

@@ -2,7 +2,8 @@
 
 The picture is the one ``shadowspot analyze`` writes (``node.analyze.render``): the
 pipeline's enhanced image (S530) with each finding outlined in its grade colour and labelled
-with type, probability and grade, and a legend bar below (grades, finding count, alert). It
+with ``finding_label`` (the words of its SEG segment, GSPS text and SR), and a legend bar
+below (grades, finding count, alert). It
 is sent as an 8-bit RGB Secondary Capture Image in its own series of the source study.
 
 The image keeps the source's rows and columns in the same orientation (the legend bar is

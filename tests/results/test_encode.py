@@ -11,19 +11,21 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from PIL import ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from node import __version__
+from node.analyze import render
 from node.encode import ObjectKind, Producer, ResultUIDs, encode_results
 from node.encode.common import OHIF_PANEL_BACKGROUNDS, contrast, display_colour, finding_label
 from node.encode.sc import build_sc
 from node.encode.seg import encoding
 from node.encode.sr import CORNERSTONE_FREEHAND, IMAGE_LEVEL_IDENTIFIER
 from node.errors import EncodeError
-from pipeline.config import DEFAULT_GRADE_COLOURS
+from pipeline.config import DEFAULT_GRADE_COLOURS, GradingConfig
 from pipeline.result import AnalysisResult, FindingType, Side, Zone
 from tests.results.helpers import dciodvfy, generated_cr, result_of, rg1, two_findings
 
@@ -435,6 +437,26 @@ def test_secondary_capture_needs_the_source_orientation_and_an_rgb_picture() -> 
 
 
 # Readers: OHIF 3.13 and others --------------------------------------------------------------
+
+
+def test_the_burned_in_picture_labels_each_finding_as_seg_gsps_and_sr_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The picture of the Secondary Capture and of ``shadowspot analyze`` (``render``) writes
+    each finding's ``finding_label``, the words of its SEG segment, GSPS text and SR."""
+    drawn: list[str] = []
+    text = ImageDraw.ImageDraw.text
+
+    def record(self: ImageDraw.ImageDraw, xy: object, label: str, *a: object, **k: object) -> None:
+        drawn.append(label)
+        text(self, xy, label, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    result = two_findings(generated_cr())
+    render(result, GradingConfig())
+    labels = [finding_label(f) for f in result.findings]
+    assert labels[0] == "Nodule, Right upper zone, G3, 91%, ALERT"
+    assert [t for t in drawn if t in labels] == labels
 
 
 def _no_findings(source: Dataset) -> AnalysisResult:
