@@ -1,7 +1,9 @@
 """The node's Application Entity: Verification SCP and Storage SCP for chest radiographs.
 
 Refuse at negotiation what we cannot handle: the called AE title must be ours, the caller must
-be listed in ``[[callers]]`` (AE title and, where given, host; none listed = anyone), at most
+be listed in ``[[callers]]`` (AE title and, where given, host; none listed = anyone; a listed
+AE title from another address is logged as ``calling_address_not_allowed``, on the wire it is
+"calling AE title not recognized", the standard having no reason for an address), at most
 ``max_associations`` at once and ``max_associations_per_address`` from one address, and only
 the storage SOP classes below, in any transfer syntax pydicom decodes with the pylibjpeg
 plugins, accepted as the caller proposes them. Before negotiation, ``node.listener`` keeps
@@ -21,6 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, cast
 
 import structlog
@@ -106,6 +109,22 @@ def _normalise(address: str) -> str:
     return str(ip)
 
 
+class Refusal(StrEnum):
+    """Why an association request is rejected; values are the ``reason`` of the
+    ``association_rejected`` log event (no AE title, address or patient data in them)."""
+
+    CALLED_AE_TITLE_NOT_RECOGNIZED = "called_ae_title_not_recognized"
+    CALLING_AE_TITLE_NOT_RECOGNIZED = "calling_ae_title_not_recognized"
+    CALLING_ADDRESS_NOT_ALLOWED = "calling_address_not_allowed"
+
+    @property
+    def reject_reason(self) -> RejectReason:
+        """The A-ASSOCIATE-RJ reason (service user) sent to the caller."""
+        if self is Refusal.CALLED_AE_TITLE_NOT_RECOGNIZED:
+            return RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED
+        return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CallerPolicy:
     """Who may associate: our called AE title and the ``[[callers]]`` list."""
@@ -125,18 +144,18 @@ class CallerPolicy:
     def open_to_anyone(self) -> bool:
         return not self.callers
 
-    def check(self, *, called_ae: str, calling_ae: str, address: str) -> RejectReason | None:
-        """The reason to reject this association request, or None to go on negotiating."""
+    def check(self, *, called_ae: str, calling_ae: str, address: str) -> Refusal | None:
+        """Why to reject this association request, or None to go on negotiating."""
         if called_ae.strip() != self.ae_title:
-            return RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED
+            return Refusal.CALLED_AE_TITLE_NOT_RECOGNIZED
         if self.open_to_anyone:
             return None
         calling = calling_ae.strip()
         if calling not in self.callers:
-            return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+            return Refusal.CALLING_AE_TITLE_NOT_RECOGNIZED
         allowed = self.callers[calling]
         if allowed is not None and _normalise(address) not in allowed:
-            return RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+            return Refusal.CALLING_ADDRESS_NOT_ALLOWED
         return None
 
 
@@ -263,14 +282,14 @@ class StorageSCP:
             calling_ae=calling_ae,
             peer=f"{address}:{event.assoc.requestor.port}",
         )
-        reason = self.policy.check(called_ae=called_ae, calling_ae=calling_ae, address=address)
-        if reason is None:
+        refusal = self.policy.check(called_ae=called_ae, calling_ae=calling_ae, address=address)
+        if refusal is None:
             self._check_address_limit(event, address)
             return
-        log.warning("association_rejected", reason=reason.name.lower(), called_ae=called_ae)
+        log.warning("association_rejected", reason=refusal.value, called_ae=called_ae)
         metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
         event.assoc.acse.send_reject(
-            RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER, reason
+            RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER, refusal.reject_reason
         )
         event.assoc.kill()
 

@@ -69,6 +69,7 @@ def test_unknown_callers_and_wrong_called_ae_are_rejected(
     assert len(rejected) == len(CASES) + 1
     assert {e["reason"] for e in rejected} == {
         "calling_ae_title_not_recognized",
+        "calling_address_not_allowed",
         "called_ae_title_not_recognized",
     }
     assert db_rows(node, "SELECT 1 FROM instances") == []

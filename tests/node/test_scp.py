@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import structlog.testing
 from pydicom import uid
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import _config
@@ -224,12 +225,19 @@ def test_unknown_caller_is_rejected_with_its_reason(start_node: StartNode, tmp_p
 
 
 def test_listed_caller_from_another_host_is_rejected(start_node: StartNode, tmp_path: Path) -> None:
-    """A caller pinned to another address is rejected even with the right AE title."""
+    """A caller pinned to another address is rejected even with the right AE title, and the
+    log says so with its own reason (not that of an unknown AE title), no address in it."""
     callers = (CallerConfig(ae_title="MODALITY1", host="192.0.2.10"),)
     node = start_node(make_config(tmp_path / "var", callers=callers))
-    assoc = scu(VERIFICATION_SOP_CLASS).associate("127.0.0.1", node.port, ae_title=NODE_AE)
-    assert assoc.is_rejected
+    with structlog.testing.capture_logs() as logs:
+        assoc = scu(VERIFICATION_SOP_CLASS).associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        unknown = scu(VERIFICATION_SOP_CLASS, ae_title="INTRUDER").associate(
+            "127.0.0.1", node.port, ae_title=NODE_AE
+        )
+    assert assoc.is_rejected and unknown.is_rejected
     assert assoc.acceptor.primitive.diagnostic == RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+    reasons = [e["reason"] for e in logs if e["event"] == "association_rejected"]
+    assert reasons == ["calling_address_not_allowed", "calling_ae_title_not_recognized"]
 
 
 def test_wrong_called_ae_is_rejected(start_node: StartNode) -> None:
