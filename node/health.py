@@ -26,7 +26,8 @@ import structlog
 
 from node import metrics
 from node.config import Config
-from node.db import DB_NAME
+from node.errors import DatabaseError
+from node.store import reports
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,7 @@ def check(config: Config) -> HealthReport:
     storage = config.node.storage
     writable = _storage_writable(storage)
     free_mb = _free_mb(storage)
-    depth = _queue_depth(storage / DB_NAME)
+    depth = _queue_depth(config)
     status = metrics.STATUS
     model, last = status.model, status.last_error
     problems = []
@@ -100,17 +101,15 @@ def _free_mb(storage: Path) -> float:
         return 0.0
 
 
-def _queue_depth(db_path: Path) -> int | None:
+def _queue_depth(config: Config) -> int | None:
     """Work not yet done, from the queue database; 0 before it exists, None if unreadable."""
-    if not db_path.exists():
-        return 0
-    connection = metrics.open_readonly(db_path)
-    if connection is None:
-        return None
     try:
-        return metrics.queue_depth(connection)
-    finally:
-        connection.close()
+        with reports.reading(
+            config.database.url_or_default, storage=config.node.storage
+        ) as database:
+            return 0 if database is None else reports.queue_depth(database)
+    except DatabaseError:
+        return None
 
 
 REQUEST_TIMEOUT_SECONDS = 10.0
@@ -130,7 +129,10 @@ class _Handler(BaseHTTPRequestHandler):
             code = HTTPStatus.OK if report.healthy else HTTPStatus.SERVICE_UNAVAILABLE
             self._send(code, report.to_json(), "application/json")
         elif path == "/metrics":
-            body, content_type = metrics.render(self.server.config.node.storage / DB_NAME)
+            body, content_type = metrics.render(
+                self.server.config.database.url_or_default,
+                storage=self.server.config.node.storage,
+            )
             self._send(HTTPStatus.OK, body, content_type)
         else:
             self._send(HTTPStatus.NOT_FOUND, b'{"error": "not found"}\n', "application/json")

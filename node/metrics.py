@@ -11,12 +11,11 @@ Other modules import the metric objects and count what they do::
 
 Jobs and deliveries by state are not counted in memory: they are read from the queue database
 at scrape time (``DatabaseCollector``), so they are right after a restart and across workers.
-``render(db_path)`` produces the text that ``/metrics`` serves.
+``render(url, storage=...)`` produces the text that ``/metrics`` serves.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +32,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from node.errors import DatabaseError
+from node.store import reports
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -137,75 +139,41 @@ def set_model_loaded(name: str, version: str) -> None:
     MODEL_LOADED.set(1)
 
 
-# Tables and their state columns, as owned by node/queue.py and node/deliveries.py.
 _STATE_TABLES = (
     ("jobs", "shadowspot_jobs", "Study jobs in the queue database, by state."),
     ("deliveries", "shadowspot_deliveries", "Result deliveries in the database, by state."),
 )
 
 
-def open_readonly(db_path: Path) -> sqlite3.Connection | None:
-    """A read-only connection to the queue database, or None if it does not exist yet."""
-    if not db_path.is_file():
-        return None
-    try:
-        return sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
-    except sqlite3.Error:
-        return None
-
-
-def count_by_state(connection: sqlite3.Connection, table: str) -> dict[str, int]:
-    """``state → rows`` of ``table``; empty when the table does not exist (yet)."""
-    if table not in {t for t, _, _ in _STATE_TABLES}:
-        raise ValueError(f"not a state table: {table}")
-    try:
-        rows = connection.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
-        return {str(state): int(n) for state, n in rows}
-    except sqlite3.Error:
-        return {}
-
-
-_OPEN_JOB_STATES = ("queued", "running", "waiting_for_pipeline")
-
-
-def queue_depth(connection: sqlite3.Connection) -> int:
-    """Instances waiting for their study to go quiet plus jobs not yet finished."""
-    try:
-        waiting = connection.execute("SELECT COUNT(*) FROM instances WHERE job_id IS NULL")
-        n_instances = int(waiting.fetchone()[0])
-        marks = ", ".join("?" * len(_OPEN_JOB_STATES))
-        jobs = connection.execute(
-            f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", _OPEN_JOB_STATES
-        )
-        return n_instances + int(jobs.fetchone()[0])
-    except sqlite3.Error:
-        return 0
-
-
 class DatabaseCollector(Collector):
-    """Gauges of jobs and deliveries by state, read from the database at each scrape."""
+    """Gauges of jobs and deliveries by state, read from the database (``[database] url``;
+    None: the SQLite file in ``storage``) at each scrape; zero while there is none or it
+    cannot be read."""
 
-    def __init__(self, db_path: Path) -> None:
-        self._db_path = db_path
+    def __init__(self, url: str | None, *, storage: Path) -> None:
+        self._url = url
+        self._storage = storage
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        connection = open_readonly(self._db_path)
+        counts: dict[str, dict[str, int]] = {}
+        depth = 0
         try:
-            for table, name, documentation in _STATE_TABLES:
-                family = GaugeMetricFamily(name, documentation, labels=["state"])
-                counts = count_by_state(connection, table) if connection else {}
-                for state, n in sorted(counts.items()):
-                    family.add_metric([state], n)
-                yield family
-            depth = GaugeMetricFamily(
-                "shadowspot_queue_depth",
-                "Instances waiting for their study to go quiet plus unfinished jobs.",
-                value=queue_depth(connection) if connection else 0,
-            )
-            yield depth
-        finally:
-            if connection is not None:
-                connection.close()
+            with reports.reading(self._url, storage=self._storage) as database:
+                if database is not None:
+                    counts = {t: reports.count_by_state(database, t) for t, _, _ in _STATE_TABLES}
+                    depth = reports.queue_depth(database)
+        except DatabaseError:
+            counts, depth = {}, 0
+        for table, name, documentation in _STATE_TABLES:
+            family = GaugeMetricFamily(name, documentation, labels=["state"])
+            for state, n in sorted(counts.get(table, {}).items()):
+                family.add_metric([state], n)
+            yield family
+        yield GaugeMetricFamily(
+            "shadowspot_queue_depth",
+            "Instances waiting for their study to go quiet plus unfinished jobs.",
+            value=depth,
+        )
 
 
 class _Forward(Collector):
@@ -216,10 +184,11 @@ class _Forward(Collector):
         yield from self._registry.collect()
 
 
-def render(db_path: Path | None) -> tuple[bytes, str]:
-    """The Prometheus text exposition of every node metric, and its content type."""
+def render(url: str | None, *, storage: Path | None) -> tuple[bytes, str]:
+    """The Prometheus text exposition of every node metric, and its content type (without
+    ``storage``, none of the database's)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Forward(REGISTRY))
-    if db_path is not None:
-        registry.register(DatabaseCollector(db_path))
+    if storage is not None:
+        registry.register(DatabaseCollector(url, storage=storage))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable
@@ -27,14 +26,12 @@ import structlog
 
 from node import metrics
 from node.config import Config
-from node.db import DB_NAME
-from node.errors import NodeError
+from node.errors import DatabaseError, NodeError
+from node.store import reports
 
 log = structlog.get_logger(__name__)
 
 DAY = 86400.0
-_UNFINISHED_INSTANCES = ("received", "queued")
-_UNFINISHED_DELIVERIES = ("pending", "sending")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -55,7 +52,7 @@ def cleanup(config: Config, *, now: float | None = None, dry_run: bool = False) 
     storage = config.node.storage
     retention = config.retention
     report = CleanupReport(dry_run=dry_run)
-    protected_inputs, protected_results = _in_use(storage / DB_NAME)
+    protected_inputs, protected_results = _in_use(config)
     if retention.spool_days > 0:
         cutoff = now - retention.spool_days * DAY
         for old in _old_files(storage / "spool", cutoff):
@@ -94,30 +91,15 @@ def cleanup(config: Config, *, now: float | None = None, dry_run: bool = False) 
     return report
 
 
-def _in_use(db_path: Path) -> tuple[set[Path], set[Path]]:
-    """Spool files of unfinished instances, result files of unfinished deliveries."""
-    connection = metrics.open_readonly(db_path)
-    if connection is None:
-        return set(), set()
+def _in_use(config: Config) -> tuple[set[Path], set[Path]]:
+    """Spool files of unfinished instances, result files of unfinished deliveries; a
+    database that cannot be read is an error (we cannot tell what is in use: remove nothing)."""
+    url = config.database.url_or_default
     try:
-        return (
-            _paths(connection, "instances", _UNFINISHED_INSTANCES),
-            _paths(connection, "deliveries", _UNFINISHED_DELIVERIES),
-        )
-    finally:
-        connection.close()
-
-
-def _paths(connection: sqlite3.Connection, table: str, states: tuple[str, ...]) -> set[Path]:
-    marks = ", ".join("?" * len(states))
-    try:
-        rows = connection.execute(f"SELECT path FROM {table} WHERE state IN ({marks})", states)
-        return {Path(str(path)).resolve() for (path,) in rows}
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):  # that part of the node never ran: nothing in use
-            return set()
-        # anything else: we cannot tell what is in use, so remove nothing
-        raise NodeError(f"cannot read {table} from the queue database: {exc}") from exc
+        with reports.reading(url, storage=config.node.storage) as database:
+            return (set(), set()) if database is None else reports.paths_in_use(database)
+    except DatabaseError as exc:
+        raise NodeError(f"cannot read what is in use from the queue database: {exc}") from exc
 
 
 def _old_files(folder: Path, cutoff: float) -> Iterable[Path]:

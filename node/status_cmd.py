@@ -1,6 +1,7 @@
-"""``shadowspot status``: what the node is doing, read from ``<storage>/shadowspot.db``.
+"""``shadowspot status``: what the node is doing, read from the node's database
+(``[database] url``, by default ``<storage>/shadowspot.db``).
 
-Opens the database read-only (a running node keeps writing; WAL lets us read beside it) and
+Reads in read transactions (a running node keeps writing; on SQLite WAL lets us read beside it) and
 prints the queue depth, jobs and deliveries by state, the most recent studies with their
 outcome and latency (first instance received → job finished), and the dead-letter deliveries
 that need a person. ``--json`` prints the same as one JSON object for scripts.
@@ -12,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from node import metrics
 from node.config import Config
-from node.db import DB_NAME
 from node.errors import NodeError
+from node.store import reports
+from node.store.engine import DB_NAME
+from node.store.reports import DeadLetter
+
+__all__ = ["DeadLetter", "NodeStatus", "StudyLine", "format_status", "read_status", "run"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,17 +45,6 @@ class StudyLine:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DeadLetter:
-    id: int
-    destination: str
-    study_instance_uid: str
-    kind: str
-    attempts: int
-    last_error: str | None
-    updated_at: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeStatus:
     database: str
     queue_depth: int
@@ -65,93 +57,38 @@ class NodeStatus:
 _FINISHED_JOB_STATES = ("done", "failed")
 
 
-def read_status(db_path: Path, *, limit: int = 10) -> NodeStatus:
-    """Everything ``shadowspot status`` shows; raises NodeError if there is no database."""
-    connection = metrics.open_readonly(db_path)
-    if connection is None:
-        raise NodeError(f"no queue database at {db_path}: has the node run with this storage?")
-    connection.row_factory = sqlite3.Row
-    try:
+def read_status(db_path: Path, *, limit: int = 10, url: str | None = None) -> NodeStatus:
+    """Everything ``shadowspot status`` shows, from ``url`` (None: the SQLite file
+    ``db_path``); raises NodeError if there is no database or it cannot be read."""
+    with reports.reading(url, storage=db_path.parent) as database:
+        if database is None:
+            raise NodeError(f"no queue database at {db_path}: has the node run with this storage?")
         return NodeStatus(
-            database=str(db_path),
-            queue_depth=metrics.queue_depth(connection),
-            jobs=metrics.count_by_state(connection, "jobs"),
-            deliveries=metrics.count_by_state(connection, "deliveries"),
-            recent_studies=_recent_studies(connection, limit),
-            dead_letters=_dead_letters(connection, limit),
+            database=str(db_path) if url is None else database.describe(),
+            queue_depth=reports.queue_depth(database),
+            jobs=reports.count_by_state(database, "jobs"),
+            deliveries=reports.count_by_state(database, "deliveries"),
+            recent_studies=[_line(job) for job in reports.recent_jobs(database, limit)],
+            dead_letters=reports.dead_letters(database, limit),
         )
-    except sqlite3.Error as exc:
-        raise NodeError(f"cannot read {db_path}: {exc}") from exc
-    finally:
-        connection.close()
 
 
-def _has_table(connection: sqlite3.Connection, table: str) -> bool:
-    row = connection.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-    ).fetchone()
-    return row is not None
-
-
-def _recent_studies(connection: sqlite3.Connection, limit: int) -> list[StudyLine]:
-    if not _has_table(connection, "jobs"):
-        return []
-    jobs = connection.execute(
-        "SELECT id, study_instance_uid, calling_ae, state, updated_at, reason FROM jobs "
-        "ORDER BY updated_at DESC, id DESC LIMIT ?",
-        (limit,),
-    ).fetchall()
-    with_deliveries = _has_table(connection, "deliveries")
-    lines = []
-    for job in jobs:
-        instances = {
-            str(r["state"]): int(r["n"])
-            for r in connection.execute(
-                "SELECT state, COUNT(*) AS n FROM instances WHERE job_id = ? GROUP BY state",
-                (job["id"],),
-            )
-        }
-        received = connection.execute(
-            "SELECT MIN(received_at) FROM instances WHERE job_id = ?", (job["id"],)
-        ).fetchone()[0]
-        deliveries: dict[str, int] = {}
-        if with_deliveries:
-            deliveries = {
-                str(r["state"]): int(r["n"])
-                for r in connection.execute(
-                    "SELECT state, COUNT(*) AS n FROM deliveries WHERE study_instance_uid = ? "
-                    "GROUP BY state",
-                    (job["study_instance_uid"],),
-                )
-            }
-        finished = float(job["updated_at"]) if job["state"] in _FINISHED_JOB_STATES else None
-        latency = finished - float(received) if finished and received is not None else None
-        lines.append(
-            StudyLine(
-                job_id=int(job["id"]),
-                study_instance_uid=str(job["study_instance_uid"]),
-                calling_ae=str(job["calling_ae"]),
-                state=str(job["state"]),
-                instances=instances,
-                deliveries=deliveries,
-                received_at=float(received) if received is not None else None,
-                finished_at=finished,
-                latency_seconds=round(latency, 1) if latency is not None else None,
-                reason=job["reason"],
-            )
-        )
-    return lines
-
-
-def _dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter]:
-    if not _has_table(connection, "deliveries"):
-        return []
-    rows = connection.execute(
-        "SELECT id, destination, study_instance_uid, kind, attempts, last_error, updated_at "
-        "FROM deliveries WHERE state = 'dead' ORDER BY updated_at DESC LIMIT ?",
-        (limit,),
-    ).fetchall()
-    return [DeadLetter(**dict(r)) for r in rows]
+def _line(job: reports.RecentJob) -> StudyLine:
+    finished = job.updated_at if job.state in _FINISHED_JOB_STATES else None
+    received = job.received_at
+    latency = finished - received if finished and received is not None else None
+    return StudyLine(
+        job_id=job.id,
+        study_instance_uid=job.study_instance_uid,
+        calling_ae=job.calling_ae,
+        state=job.state,
+        instances=job.instances,
+        deliveries=job.deliveries,
+        received_at=received,
+        finished_at=finished,
+        latency_seconds=round(latency, 1) if latency is not None else None,
+        reason=job.reason,
+    )
 
 
 def _when(stamp: float | None) -> str:
@@ -202,7 +139,9 @@ def format_status(status: NodeStatus) -> str:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     """``shadowspot status [--limit N] [--json]``; exits 1 while dead letters exist."""
-    status = read_status(config.node.storage / DB_NAME, limit=args.limit)
+    status = read_status(
+        config.node.storage / DB_NAME, limit=args.limit, url=config.database.url_or_default
+    )
     if args.json:
         print(json.dumps(asdict(status), indent=2))
     else:

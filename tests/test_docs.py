@@ -258,7 +258,10 @@ def _exposed_metrics(tmp_path: Path) -> tuple[set[str], dict[str, str]]:
     """Names a scrape of /metrics can show, and counter family names → their series name."""
     names: set[str] = set()
     counters: dict[str, str] = {}
-    families = [*REGISTRY.collect(), *DatabaseCollector(tmp_path / "absent.db").collect()]
+    families = [
+        *REGISTRY.collect(),
+        *DatabaseCollector(None, storage=tmp_path / "absent").collect(),
+    ]
     for family in families:
         if family.type == "counter":
             names |= {f"{family.name}_total", f"{family.name}_created"}
