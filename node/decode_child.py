@@ -161,6 +161,9 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
+    # pydicom logs each failed plugin with its traceback; the parent's DecodeError names them
+    # all, so those records go to ``_PluginFailures`` only, never to the shared stderr.
+    logging.getLogger("pydicom").propagate = False
     try:
         _load_decoders()
         started = address_space()

@@ -175,3 +175,42 @@ def test_analyze_real_dicom_with_the_shipped_model(tmp_path: Path) -> None:
         doc = json.loads((out / f"{f.stem}.json").read_text())
         _check_contract(doc, f, (int(ds.Rows), int(ds.Columns)))
         assert doc["model"]["name"] and (out / f"{f.stem}.png").is_file()
+
+
+def _jpeg_extended_without_tables(path: Path) -> None:
+    """A CR in JPEG Extended (12-bit, SOF1) whose one frame has no Huffman table (no DHT):
+    every decoder plugin fails on it."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGExtended12Bit
+
+    ds = _sc(1)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    del ds.PlanarConfiguration
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    sof1 = b"\xff\xc1\x00\x0b\x0c" + rows.to_bytes(2, "big") + cols.to_bytes(2, "big")
+    sof1 += b"\x01\x01\x11\x00"
+    sos = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
+    ds.PixelData = encapsulate([b"\xff\xd8" + sof1 + sos + b"\x12\x34" * 32 + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_analyze_an_undecodable_12_bit_jpeg_says_one_clear_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A 12-bit JPEG no plugin can decode fails with one line naming the plugins' failures:
+    the decoders' own error records (one per plugin), made in the decoder process, bring no
+    traceback to the terminal (fd 2, which that process shares)."""
+    model_dir = build_tiny_model(tmp_path / "model", size=64)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[pipeline]\nmodel_dir = "{model_dir}"\n')
+    bad = tmp_path / "jpeg12.dcm"
+    _jpeg_extended_without_tables(bad)
+    assert main(["analyze", str(bad), "--out", str(tmp_path / "o"), "--config", str(config)]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"shadowspot analyze: {bad}: cannot decode the pixel data")
+    assert "pylibjpeg:" in line and "DHT marker missing" in line
