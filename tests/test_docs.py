@@ -12,6 +12,8 @@ look up, and each name must exist in the code:
   ``node.cli.build_parser()``;
 - metric names ``shadowspot_*``, against what ``/metrics`` exposes: ``node.metrics.REGISTRY``
   and the database collector (counters as ``<name>_total``);
+- the log events of docs/admin-guide.md's event table, against the names node/ logs (``ast``:
+  a literal event name, or an f-string's prefix plus a string literal of node/);
 - (``training`` marker) the options of ``python -m models.training.<x>`` and of the lab's
   commands written in backticks in models/training/README.md, against each module's ``--help``.
 
@@ -21,6 +23,7 @@ Each test fails with the list of every missing name, file and line.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
 import re
@@ -351,3 +354,54 @@ def test_catch_alls_are_where_architecture_says() -> None:
     assert _NUMBERS.get(m.group(2)) == sum(found.values()), (m.group(2), found)
     named = set(re.findall(r"`((?:node|pipeline)/[\w/]+\.py)`", m.group(1)))
     assert named == set(found), f"named {sorted(named)}, in the code {sorted(found)}"
+
+
+_LOG_METHODS = frozenset({"debug", "info", "warning", "error", "exception", "critical"})
+
+
+def _documented_events() -> set[str]:
+    """The event names in the first column of the admin guide's log-event table."""
+    text = (REPO / "docs" / "admin-guide.md").read_text(encoding="utf-8")
+    table = text.split("| Event | Meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = table.splitlines()[2:]
+    return {name for row in rows for name in re.findall(r"`([a-z0-9_]+)`", row.split("|")[1])}
+
+
+def _emitted_events() -> tuple[set[str], set[str], set[str]]:
+    """Event names logged in node/ as literals; prefixes of those logged as f-strings
+    (``f"instance_{receipt.outcome}"``); and every string literal in node/."""
+    names: set[str] = set()
+    prefixes: set[str] = set()
+    strings: set[str] = set()
+    for path in (REPO / "node").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                strings.add(node.value)
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _LOG_METHODS
+                and node.args
+            ):
+                continue
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                names.add(first.value)
+            elif isinstance(first, ast.JoinedStr) and isinstance(first.values[0], ast.Constant):
+                prefixes.add(str(first.values[0].value))
+    return names, prefixes, strings
+
+
+def test_every_documented_log_event_is_emitted_by_the_node() -> None:
+    """Each event of the admin guide's table is logged somewhere in node/: as a literal event
+    name, or as an f-string whose prefix and a string literal of node/ make it up."""
+    names, prefixes, strings = _emitted_events()
+
+    def emitted(event: str) -> bool:
+        return event in names or any(
+            event.startswith(p) and event[len(p) :] in strings for p in prefixes
+        )
+
+    documented = _documented_events()
+    assert len(documented) > 20  # the table was found and read
+    assert sorted(e for e in documented if not emitted(e)) == []
