@@ -16,17 +16,18 @@ import dataclasses
 import os
 import re
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from node.errors import ConfigError, ConfigProblem
 from pipeline.config import PipelineConfig
+from pipeline.schema import Schema
 
 DEFAULT_CONFIG_PATH = Path("config/shadowspot.toml")
+# The typed validator the manifest uses too (pipeline/schema.py); ``source`` is the path of
+# the file a Config was read from, set by load_config, never a key of the file.
+_SCHEMA = Schema(table="a table", root_extras=frozenset({"source"}))
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
 
@@ -329,7 +330,7 @@ def load_config(path: Path | str | None) -> Config:
         raise ConfigError([ConfigProblem(where, "-", f"not valid TOML: {exc}")]) from exc
     problems: list[ConfigProblem] = []
     raw = {**raw, "source": where}
-    config = _build(Config, raw, "", where, problems)
+    config = _SCHEMA.build(Config, raw, where=where, problems=problems)
     if config is None:  # a top-level value failed its own checks: report against defaults
         config = Config(source=where)
     assert isinstance(config, Config)
@@ -419,151 +420,3 @@ def _storage_problem(storage: Path) -> str | None:
 
 
 # Generic dataclass-from-TOML builder -----------------------------------------------------------
-
-
-def _build(cls: type[Any], raw: object, key: str, where: str, problems: list[ConfigProblem]) -> Any:
-    """Build dataclass ``cls`` from a TOML table, appending every problem to ``problems``.
-
-    Invalid or unknown keys are reported and left out (their defaults stand in), so that the
-    rest of the file is still checked; returns None only when the table cannot be built.
-    """
-    if not isinstance(raw, dict):
-        problems.append(ConfigProblem(where, key or "-", f"must be a table, got {_kind(raw)}"))
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in _INTERNAL}
-    for name in raw:
-        if name not in fields and not (key == "" and name in _INTERNAL):
-            known = ", ".join(sorted(fields))
-            problems.append(
-                ConfigProblem(where, _join(key, name), f"unknown key (known keys: {known})")
-            )
-    values: dict[str, Any] = {n: v for n, v in raw.items() if key == "" and n in _INTERNAL}
-    complete = True
-    for name, f in fields.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                problems.append(ConfigProblem(where, _join(key, name), "required key is missing"))
-                complete = False
-            continue
-        value = _convert(hints[name], raw[name], _join(key, name), where, problems)
-        if value is not _INVALID and value is not None:
-            values[name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            complete = False
-    if not complete:
-        return None
-    try:
-        return cls(**values)
-    except (ValueError, TypeError) as exc:
-        return _build_blaming_fields(cls, values, exc, key, where, problems)
-
-
-def _build_blaming_fields(
-    cls: type[Any],
-    values: dict[str, Any],
-    exc: Exception,
-    key: str,
-    where: str,
-    problems: list[ConfigProblem],
-) -> Any:
-    """``cls(**values)`` failed its checks: find which keys fail on their own, report each
-    against its own key, and build from the rest so later checks still run."""
-    required = {n: v for n, v in values.items() if _is_required(cls, n)}
-    good = dict(required)
-    blamed = False
-    for name, value in values.items():
-        if name in required:
-            continue
-        try:
-            cls(**{**required, name: value})
-        except (ValueError, TypeError) as field_exc:
-            problems.append(ConfigProblem(where, _join(key, name), str(field_exc)))
-            blamed = True
-        else:
-            good[name] = value
-    try:
-        return cls(**good)
-    except (ValueError, TypeError) as rest_exc:
-        problems.append(ConfigProblem(where, key or "-", str(rest_exc)))
-        return None
-    finally:
-        if not blamed:  # only a combination of keys is wrong: report it for the table
-            problems.append(ConfigProblem(where, key or "-", str(exc)))
-
-
-def _is_required(cls: type[Any], name: str) -> bool:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-_INTERNAL = frozenset({"source"})
-_INVALID: Any = object()  # what _convert returns for a value it reported as wrong
-
-
-def _convert(hint: Any, value: object, key: str, where: str, problems: list[ConfigProblem]) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-
-    def bad(expected: str) -> Any:
-        reason = f"must be {expected}, got {_kind(value)} {value!r}"
-        problems.append(ConfigProblem(where, key, reason))
-        return _INVALID
-
-    if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        if len(non_none) != 1:
-            raise TypeError(f"unsupported config type {hint}")
-        return _convert(non_none[0], value, key, where, problems)
-    if origin is Literal:
-        if value not in args:
-            return bad("one of " + ", ".join(repr(a) for a in args))
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            return bad("a list")
-        items = (_convert(args[0], v, f"{key}[{i}]", where, problems) for i, v in enumerate(value))
-        return tuple(item for item in items if item is not None and item is not _INVALID)
-    if dataclasses.is_dataclass(hint):
-        return _build(typing.cast(type[Any], hint), value, key, where, problems)
-    if hint is bool:
-        if not isinstance(value, bool):
-            return bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return bad("an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return bad("a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            return bad("a string")
-        return value
-    if hint is Path:
-        if not isinstance(value, str) or not value:
-            return bad("a path (string)")
-        return Path(value)
-    if isinstance(hint, type) and issubclass(hint, Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            return bad("one of " + ", ".join(repr(m.value) for m in hint))
-    raise TypeError(f"unsupported config type {hint} at {key}")
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _kind(value: object) -> str:
-    return {
-        dict: "a table",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-    }.get(type(value), type(value).__name__)

@@ -16,25 +16,16 @@ ShadowSpotError (pipeline.errors)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipeline.errors import InputImageError, ShadowSpotError
+from pipeline.schema import Problem
 
 
 class NodeError(ShadowSpotError):
     """Something in the DICOM node went wrong."""
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigProblem:
-    """One mistake in a configuration file: where it is and why it is wrong."""
-
-    file: str
-    key: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.key}: {self.reason}"
+ConfigProblem = Problem
+"""One mistake in a configuration file (``pipeline.schema.Problem``): file, key, reason."""
 
 
 class ConfigError(NodeError):
