@@ -13,6 +13,7 @@ from sqlalchemy import update
 
 from node.dimse import Status
 from node.queue import Abandoned, InstanceHeader, InstanceState, JobState, Queue
+from node.store.jobs import JobStore
 from node.store.schema import jobs
 from tests.node.conftest import NODE_AE, StartNode, make_config, make_image, scu
 
@@ -31,7 +32,7 @@ def _header(study: str, n: int) -> InstanceHeader:
     )
 
 
-def _add(queue: Queue, study: str, n: int, at: float) -> bool:
+def _add(queue: JobStore, study: str, n: int, at: float = T0) -> bool:
     return queue.add_instance(
         _header(study, n),
         path=Path(f"/spool/{study}/{n}.dcm"),

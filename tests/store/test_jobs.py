@@ -13,20 +13,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import uid
 
 from node.cli import main
 from node.config import DatabaseConfig
 from node.errors import SchemaError
-from node.queue import Abandoned, InstanceHeader, InstanceState, JobState
+from node.queue import Abandoned, InstanceState, JobState
 from node.serve import Node
 from node.store.database import Database, Schema, open_database
 from node.store.jobs import JobStore
 from node.store.migrate import head
 from node.worker import Heartbeat
 from tests.node.conftest import make_config
+from tests.node.test_queue import T0, _add
 
-T0 = 1_700_000_000.0
 MakeStore = Callable[..., JobStore]
 
 
@@ -47,28 +46,6 @@ def make_store(database: Database) -> MakeStore:
         return JobStore(database, **options)  # type: ignore[arg-type]
 
     return make
-
-
-def _header(study: str, n: int) -> InstanceHeader:
-    return InstanceHeader(
-        sop_instance_uid=f"1.2.3.{study}.{n}",
-        sop_class_uid=uid.ComputedRadiographyImageStorage,
-        study_instance_uid=f"1.2.3.{study}",
-        series_instance_uid=f"1.2.3.{study}.0",
-        transfer_syntax_uid=uid.ExplicitVRLittleEndian,
-        modality="CR",
-        body_part_examined="CHEST",
-    )
-
-
-def _add(store: JobStore, study: str, n: int, at: float = T0) -> bool:
-    return store.add_instance(
-        _header(study, n),
-        path=Path(f"/spool/{study}/{n}.dcm"),
-        calling_ae="M1",
-        peer="::1",
-        received_at=at,
-    )
 
 
 def test_grouping_claim_and_finish(make_store: MakeStore) -> None:
