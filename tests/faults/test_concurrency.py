@@ -24,7 +24,9 @@ STUDIES_PER_ASSOCIATION = 2
 def test_eight_associations_twenty_images_each(start_node: Callable[..., NodeProcess]) -> None:
     """160 distinct images over 8 concurrent associations (plus 16 concurrent duplicates):
     all acknowledged, each stored and queued once, each study one job, no temp files left."""
-    node = start_node(node={"study_quiet_seconds": 1.0, "max_associations": 16})
+    # A quiet period well above the gaps between one sender's images on a loaded 2-core machine:
+    # what is tested is concurrency and duplicates, not the quiet timing.
+    node = start_node(node={"study_quiet_seconds": 5.0, "max_associations": 16})
     batches: list[list[Dataset]] = []
     for a in range(ASSOCIATIONS):
         studies = [uid.generate_uid() for _ in range(STUDIES_PER_ASSOCIATION)]
@@ -72,6 +74,8 @@ def test_eight_associations_twenty_images_each(start_node: Callable[..., NodePro
     wait_for(every_study_in_a_job, 30.0, "every study to be grouped into a job")
     jobs = db_rows(node, "SELECT study_instance_uid, COUNT(*) FROM jobs GROUP BY 1")
     assert {s for s, _ in jobs} == studies
-    assert all(n == 1 for _, n in jobs), "a study was queued twice"
+    twice = [s for s, n in jobs if n != 1]
+    detail = db_rows(node, "SELECT study_instance_uid, state, reason FROM jobs ORDER BY id")
+    assert not twice, f"a study was queued twice: {[d for d in detail if d[0] in twice]}"
     assert node.alive() and echo(node.port) == Status.SUCCESS
     print(f"associations: {ASSOCIATIONS}, C-STOREs: {sum(len(r) for r in results)}, lost: 0")
