@@ -26,10 +26,12 @@ DB_NAME = "shadowspot.db"
 BUSY_TIMEOUT_MS = 30_000
 
 _SQLITE_PRAGMAS = (
+    # First, so that the journal-mode switch too waits for another process's lock instead
+    # of failing with "database is locked" (two nodes starting on one new file).
+    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
-    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
 )
 _DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
 
