@@ -17,15 +17,12 @@ import socket
 import time
 import uuid
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    RowMapping,
     Select,
     and_,
     delete,
@@ -39,137 +36,38 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from node.store.database import Database
+from node.store.rows import (
+    UNFINISHED,
+    abandoned_of,
+    instance_of,
+    job_of,
+)
+from node.store.rows import (
+    Abandoned as Abandoned,
+)
+from node.store.rows import (
+    AbandonedInstance as AbandonedInstance,
+)
+from node.store.rows import (
+    Instance as Instance,
+)
+from node.store.rows import (
+    InstanceHeader as InstanceHeader,
+)
+from node.store.rows import (
+    InstanceState as InstanceState,
+)
+from node.store.rows import (
+    Job as Job,
+)
+from node.store.rows import (
+    JobState as JobState,
+)
 from node.store.schema import instances as I
 from node.store.schema import jobs as J
 
-
-class JobState(StrEnum):
-    """Where a study job is in its life (see ``node/queue.py``)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    WAITING_FOR_PIPELINE = "waiting_for_pipeline"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class InstanceState(StrEnum):
-    """Where one received instance is: waiting in a study, in a job, or finished."""
-
-    RECEIVED = "received"
-    """Spooled; its study is not yet quiet, so it is in no job yet."""
-    QUEUED = "queued"
-    """In a job, not yet processed."""
-    ANALYSED = "analysed"
-    SKIPPED = "skipped"
-    """Not a chest radiograph (``reason`` says why); stored, not analysed."""
-    FAILED = "failed"
-    """Processing raised an error no retry can fix (``reason`` says which)."""
-
-    @property
-    def finished(self) -> bool:
-        return self in (InstanceState.ANALYSED, InstanceState.SKIPPED, InstanceState.FAILED)
-
-
-class Abandoned(StrEnum):
-    """Why an instance will not be analysed unless someone re-queues it."""
-
-    FAILED = "failed"
-    """Its processing failed (``reason`` says why)."""
-    STUCK = "stuck"
-    """Unfinished, in a job that is over (done or failed) or gone."""
-
-
-_UNFINISHED = (InstanceState.RECEIVED, InstanceState.QUEUED)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InstanceHeader:
-    """What intake learnt from an instance's header; no patient data."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str
-    modality: str = ""
-    body_part_examined: str = ""
-    view_position: str = ""
-    number_of_frames: int = 1
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Instance:
-    """One row of ``instances``."""
-
-    header: InstanceHeader
-    path: Path
-    calling_ae: str
-    peer: str
-    received_at: float
-    job_id: int | None
-    state: InstanceState
-    reason: str | None
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return self.header.sop_instance_uid
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Job:
-    """One row of ``jobs``: a study's instances, processed together."""
-
-    id: int
-    study_instance_uid: str
-    state: JobState
-    attempts: int
-    calling_ae: str
-    created_at: float
-    updated_at: float
-    reason: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AbandonedInstance:
-    """An instance ``requeue`` can take: failed, or stuck in a job that is over."""
-
-    instance: Instance
-    kind: Abandoned
-    job_state: JobState | None
-    """The state of its old job (None: the job no longer exists)."""
-
-
 _HEADER_FIELDS = tuple(InstanceHeader.__dataclass_fields__)
 _JOB_COLUMNS = tuple(J.c[name] for name in Job.__dataclass_fields__)
-
-
-def _instance(row: RowMapping) -> Instance:
-    return Instance(
-        header=InstanceHeader(**{k: row[k] for k in _HEADER_FIELDS}),
-        path=Path(row["path"]),
-        calling_ae=row["calling_ae"],
-        peer=row["peer"],
-        received_at=float(row["received_at"]),
-        job_id=row["job_id"],
-        state=InstanceState(row["state"]),
-        reason=row["reason"],
-    )
-
-
-def _job(row: RowMapping) -> Job:
-    values = {name: row[name] for name in Job.__dataclass_fields__}
-    return Job(**{**values, "state": JobState(row["state"])})
-
-
-def _abandoned(row: RowMapping) -> AbandonedInstance:
-    instance = _instance(row)
-    failed = instance.state is InstanceState.FAILED
-    return AbandonedInstance(
-        instance=instance,
-        kind=Abandoned.FAILED if failed else Abandoned.STUCK,
-        job_state=None if row["job_state"] is None else JobState(row["job_state"]),
-    )
 
 
 def _abandoned_query(*where: ColumnElement[bool]) -> Select[Any]:
@@ -180,7 +78,7 @@ def _abandoned_query(*where: ColumnElement[bool]) -> Select[Any]:
         .where(
             I.c.job_id.is_not(None),
             or_(J.c.id.is_(None), J.c.state.in_([JobState.DONE, JobState.FAILED])),
-            I.c.state.in_([InstanceState.FAILED, *_UNFINISHED]),
+            I.c.state.in_([InstanceState.FAILED, *UNFINISHED]),
             *where,
         )
     )
@@ -206,7 +104,7 @@ def _fail_unfinished(db: Connection, job_ids: ColumnElement[bool], reason: str) 
     """Fail the unfinished instances of the jobs ``job_ids`` selects, with ``reason``."""
     db.execute(
         update(I)
-        .where(job_ids, I.c.state.in_(_UNFINISHED))
+        .where(job_ids, I.c.state.in_(UNFINISHED))
         .values(state=InstanceState.FAILED, reason=reason)
     )
 
@@ -262,7 +160,7 @@ class JobStore:
     def instance(self, sop_instance_uid: str) -> Instance | None:
         with self.database.read() as db:
             row = db.execute(select(I).where(I.c.sop_instance_uid == sop_instance_uid)).first()
-        return None if row is None else _instance(row._mapping)
+        return None if row is None else instance_of(row._mapping)
 
     def add_instance(
         self,
@@ -308,7 +206,7 @@ class JobStore:
                 update(I).where(I.c.sop_instance_uid == header.sop_instance_uid).values(values)
             )
             _settle_old_jobs(db, [int(row.job_id)], "an instance was resent: in a new job")
-        return _abandoned(row._mapping)
+        return abandoned_of(row._mapping)
 
     def abandoned(
         self,
@@ -325,7 +223,7 @@ class JobStore:
             where.append(I.c.study_instance_uid.in_(study_instance_uids))
         with self.database.read() as db:
             rows = db.execute(_abandoned_query(*where).order_by(I.c.received_at)).all()
-        found = [_abandoned(r._mapping) for r in rows]
+        found = [abandoned_of(r._mapping) for r in rows]
         return [a for a in found if a.kind in kinds]
 
     def requeue(self, sop_instance_uids: Sequence[str]) -> list[AbandonedInstance]:
@@ -347,7 +245,7 @@ class JobStore:
                 )
             old_jobs = {int(r.job_id) for r in rows}
             _settle_old_jobs(db, old_jobs, "re-queued instances are in a new job")
-        return [_abandoned(r._mapping) for r in rows]
+        return [abandoned_of(r._mapping) for r in rows]
 
     def known_paths(self) -> set[Path]:
         with self.database.read() as db:
@@ -444,7 +342,7 @@ class JobStore:
                 .where(I.c.job_id == job_id)
                 .order_by(I.c.received_at, I.c.sop_instance_uid)
             ).all()
-        return [_instance(r._mapping) for r in rows]
+        return [instance_of(r._mapping) for r in rows]
 
     def finish_instance(
         self, sop_instance_uid: str, state: InstanceState, reason: str | None
@@ -566,12 +464,12 @@ class JobStore:
         if study_instance_uid is not None:
             query = query.where(J.c.study_instance_uid == study_instance_uid)
         with self.database.read() as db:
-            return [_job(r._mapping) for r in db.execute(query)]
+            return [job_of(r._mapping) for r in db.execute(query)]
 
     def instances(self) -> list[Instance]:
         with self.database.read() as db:
             rows = db.execute(select(I).order_by(I.c.received_at)).all()
-        return [_instance(r._mapping) for r in rows]
+        return [instance_of(r._mapping) for r in rows]
 
     def job_counts(self) -> dict[JobState, int]:
         with self.database.read() as db:
@@ -598,4 +496,4 @@ def _held(job_id: int, owner: str, *, or_unleased: bool = False) -> ColumnElemen
 
 
 def _job_row(db: Connection, job_id: int) -> Job:
-    return _job(db.execute(select(*_JOB_COLUMNS).where(J.c.id == job_id)).one()._mapping)
+    return job_of(db.execute(select(*_JOB_COLUMNS).where(J.c.id == job_id)).one()._mapping)
